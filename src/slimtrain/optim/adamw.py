@@ -1,0 +1,95 @@
+"""AdamW with optimizer states stored at 32, 16, 8, 4, 3 or 2 bits (SOLO)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from slimtrain.optim.base import LowBitOptimizer, as_pair, check_choice, check_number
+from slimtrain.optim.functional import adamw_update_
+from slimtrain.optim.state import SIGNED_MAPS, STATE_BITS, UNSIGNED_MAPS, StateFormat, scaled_beta
+from slimtrain.quant import ROUNDING_MODES
+
+BETA1_POLICIES = ("scaled", "fixed")
+
+
+class AdamW(LowBitOptimizer):
+    """AdamW (decoupled weight decay) whose moments m and v can be stored in a few bits.
+
+    Args:
+        params: parameters or param groups, as for any ``torch.optim.Optimizer``.
+        lr, betas, eps, weight_decay, maximize: as in ``torch.optim.AdamW``.
+        state_bits: bits of (m, v), each 32, 16, 8, 4, 3 or 2 (one int sets both). 32 keeps
+            float32 states and matches ``torch.optim.AdamW`` exactly; 16 keeps bfloat16.
+        state_maps: level maps of (m, v) below 16 bits. m: "dynamic" (dynamic exponent) or
+            "linear"; v: "log" (SOLO's logarithmic levels), "dynamic" or "linear".
+        state_rounding: rounding of (m, v) when encoded: "nearest" or "stochastic".
+        block_size: elements per quantization scale (>= 8). quantile: p of the log map.
+        min_quantized_numel: tensors with fewer elements keep float32 states.
+        beta1_policy: "scaled" lowers beta1 for low-bit m so that its quantization noise matches
+            that of ``betas[0]`` at ``beta1_reference_bits`` bits (SOLO); "fixed" keeps betas[0].
+        seed: seed of the stochastic-rounding generator (saved in ``state_dict``).
+    """
+
+    state_names = ("exp_avg", "exp_avg_sq")
+    state_signed = (True, False)
+
+    def __init__(
+        self, params: Any, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8, weight_decay: float = 1e-2, *,
+        state_bits: int | tuple[int, int] = 32,
+        state_maps: tuple[str, str] = ("dynamic", "log"),
+        state_rounding: tuple[str, str] = ("nearest", "stochastic"),
+        block_size: int = 128, quantile: float = 0.1, min_quantized_numel: int = 4096,
+        beta1_policy: str = "scaled", beta1_reference_bits: int = 5,
+        maximize: bool = False, seed: int | None = None,
+    ) -> None:
+        defaults = dict(
+            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize,
+            state_bits=state_bits, state_maps=state_maps, state_rounding=state_rounding,
+            block_size=block_size,
+            quantile=quantile, min_quantized_numel=min_quantized_numel,
+            beta1_policy=beta1_policy, beta1_reference_bits=beta1_reference_bits,
+        )
+        super().__init__(params, defaults, seed)
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        super()._check_group(group)
+        check_number("eps", group["eps"])
+        betas = group["betas"]
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+        check_number("betas[0]", betas[0], 0.0, 1.0, high_open=True)
+        check_number("betas[1]", betas[1], 0.0, 1.0, high_open=True)
+        maps = group["state_maps"]
+        if not isinstance(maps, (tuple, list)) or len(maps) != 2:
+            raise ValueError(f"state_maps must be a pair (map of m, map of v), got {maps!r}")
+        check_choice("state_maps[0] (map of m)", maps[0], SIGNED_MAPS)
+        check_choice("state_maps[1] (map of v)", maps[1], UNSIGNED_MAPS)
+        check_choice("beta1_policy", group["beta1_policy"], BETA1_POLICIES)
+        check_choice("beta1_reference_bits", group["beta1_reference_bits"], range(2, 9))
+        group.update(
+            betas=tuple(betas), state_maps=tuple(maps),
+            state_bits=as_pair("state_bits", group["state_bits"], STATE_BITS),
+            state_rounding=as_pair("state_rounding", group["state_rounding"], ROUNDING_MODES),
+        )
+
+    @staticmethod
+    def effective_beta1(group: dict[str, Any], m_format: StateFormat) -> float:
+        """beta1 used for a first moment stored in ``m_format`` under ``group``'s policy."""
+        beta1 = group["betas"][0]
+        if group["beta1_policy"] == "fixed" or not m_format.quantized:
+            return beta1
+        return scaled_beta(beta1, m_format.bits, group["beta1_reference_bits"], m_format.kind)
+
+    def _apply(
+        self, group: dict[str, Any], param: torch.Tensor, grad: torch.Tensor,
+        states: dict[str, torch.Tensor], formats: dict[str, StateFormat], *, step: float,
+        first: bool,
+    ) -> None:
+        adamw_update_(
+            param, grad, states["exp_avg"], states["exp_avg_sq"], step=step, lr=group["lr"],
+            beta1=self.effective_beta1(group, formats["exp_avg"]), beta2=group["betas"][1],
+            eps=group["eps"], weight_decay=group["weight_decay"],
+        )

@@ -1,0 +1,235 @@
+"""Shared machinery of slimtrain's optimizers: argument checks, low-bit state formats, the
+stochastic-rounding generator, and state_dict round trips that never cast quantized state."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+from slimtrain.optim.state import StateFormat, init_state, layout, read_state, write_state
+from slimtrain.quant import draw_seed
+
+# Group options that decide how state is stored: a state_dict must agree on them to load.
+LAYOUT_OPTIONS = ("state_bits", "block_size", "quantile", "min_quantized_numel", "state_maps")
+
+
+def check_choice(name: str, value: Any, accepted: Iterable[Any]) -> None:
+    """Raise ValueError naming ``name`` and the accepted values unless ``value`` is one of them."""
+    accepted = tuple(accepted)
+    if value not in accepted:
+        raise ValueError(f"{name} must be one of {accepted}, got {value!r}")
+
+
+def check_number(name: str, value: Any, low: float = 0.0, high: float = math.inf,
+                 high_open: bool = False) -> None:
+    """Raise ValueError unless ``value`` is a finite-or-inf real number in [low, high] (or [low, high))."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value >= low and (
+        value < high if high_open else value <= high
+    )
+    if not ok:
+        bracket = ")" if high_open else "]"
+        raise ValueError(f"{name} must be a number in [{low}, {high}{bracket}, got {value!r}")
+
+
+def as_pair(name: str, value: Any, accepted: tuple) -> tuple:
+    """``value`` or ``(value, value)`` as a pair, each checked against ``accepted``."""
+    pair = tuple(value) if isinstance(value, (tuple, list)) else (value, value)
+    if len(pair) != 2:
+        raise ValueError(f"{name} must be one value or a pair, got {value!r}")
+    for item in pair:
+        check_choice(name, item, accepted)
+    return pair
+
+
+class LowBitOptimizer(torch.optim.Optimizer):
+    """Base class: subclasses name their states and implement ``_update``.
+
+    Subclasses set ``state_names`` (e.g. ("exp_avg", "exp_avg_sq")) and ``state_signed``, and
+    store per group the options in LAYOUT_OPTIONS, with ``state_bits``, ``state_maps`` and
+    ``state_rounding`` as tuples aligned with ``state_names``.
+    """
+
+    state_names: tuple[str, ...] = ()
+    state_signed: tuple[bool, ...] = ()
+
+    def __init__(self, params: Any, defaults: dict[str, Any], seed: int | None) -> None:
+        if seed is not None and (not isinstance(seed, int) or seed < 0):
+            raise ValueError(f"seed must be a non-negative integer or None, got {seed!r}")
+        super().__init__(params, defaults)
+        if seed is None:  # follow torch.manual_seed without consuming the global stream
+            seed = torch.initial_seed()
+        self._generator = torch.Generator(device="cpu").manual_seed(seed)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group (as torch does) after checking and normalizing its options."""
+        group = {**self.defaults, **param_group}
+        self._check_group(group)
+        param_group.update({k: v for k, v in group.items() if k != "params"})
+        super().add_param_group(param_group)
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        """Raise ValueError for a bad option of ``group``; normalize tuple-valued options in place."""
+        check_number("lr", group["lr"])
+        check_number("weight_decay", group["weight_decay"])
+        if not isinstance(group["block_size"], int) or group["block_size"] < 8:
+            raise ValueError(f"block_size must be an integer >= 8, got {group['block_size']!r}")
+        check_number("quantile", group["quantile"], 0.0, 1.0, high_open=True)
+        check_number("min_quantized_numel", group["min_quantized_numel"], 0)
+
+    # ----------------------------------------------------------------------------- formats
+    def has_states(self, group: dict[str, Any]) -> bool:
+        """Whether parameters of ``group`` keep the states in ``state_names`` (SGD without
+        momentum keeps none)."""
+        return True
+
+    def state_formats(self, group: dict[str, Any], param: torch.Tensor) -> dict[str, StateFormat]:
+        """The storage format of each state that ``param`` in ``group`` keeps, by state name."""
+        if not self.has_states(group):
+            return {}
+        small = param.numel() < group["min_quantized_numel"]
+        return {
+            name: StateFormat(
+                bits=32 if small else bits, signed=signed, kind=kind,
+                block_size=group["block_size"], quantile=group["quantile"],
+                stochastic=rounding == "stochastic",
+            )
+            for name, bits, signed, kind, rounding in zip(
+                self.state_names, group["state_bits"], self.state_signed, group["state_maps"],
+                group["state_rounding"], strict=True,
+            )
+        }
+
+    def _init_states(self, state: dict, formats: dict[str, StateFormat], param: torch.Tensor) -> None:
+        state["step"] = torch.tensor(0.0)
+        for name, fmt in formats.items():
+            init_state(state, name, fmt, param)
+
+    def _seed(self, fmt: StateFormat) -> int | None:
+        """A fresh stochastic-rounding seed when ``fmt`` needs one (drawn in a fixed order)."""
+        return draw_seed(self._generator) if fmt.quantized and fmt.stochastic else None
+
+    # ------------------------------------------------------------------------------- step
+    @staticmethod
+    def _check_grads(groups: list[dict[str, Any]]) -> None:
+        for group in groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise TypeError("sparse gradients are not supported: use dense gradients")
+                if not p.is_floating_point() or p.is_complex():
+                    raise TypeError(f"parameters must be real floating point, got dtype {p.dtype}")
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        """One optimizer step over every parameter that has a gradient; returns closure's loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._check_grads(self.param_groups)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    self._update(group, p, self.state[p])
+        return loss
+
+    def _update(self, group: dict[str, Any], param: torch.Tensor, state: dict) -> None:
+        """Decode the states of ``param`` to float32, apply the update rule, encode them back."""
+        formats = self.state_formats(group, param)
+        first = not state
+        if first:
+            self._init_states(state, formats, param)
+        state["step"] += 1
+        grad = param.grad.float()
+        if group["maximize"]:
+            grad = -grad
+        work = param if param.dtype == torch.float32 else param.float()
+        values = {name: read_state(state, name, fmt, param) for name, fmt in formats.items()}
+        self._apply(group, work, grad, values, formats, step=state["step"].item(), first=first)
+        for name, fmt in formats.items():
+            write_state(state, name, fmt, values[name], self._seed(fmt))
+        if work is not param:
+            param.copy_(work)
+
+    def _apply(
+        self, group: dict[str, Any], param: torch.Tensor, grad: torch.Tensor,
+        states: dict[str, torch.Tensor], formats: dict[str, StateFormat], *, step: float,
+        first: bool,
+    ) -> None:
+        """The update rule on float32 tensors: ``param`` and ``states`` are updated in place."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------------- state_dict
+    def __getstate__(self) -> dict[str, Any]:
+        return {**super().__getstate__(), "rng_state": self._generator.get_state()}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        rng_state = state.pop("rng_state", None)  # absent when torch's load_state_dict calls
+        super().__setstate__(state)
+        if rng_state is not None:
+            self._generator = torch.Generator(device="cpu")
+            self._generator.set_state(rng_state)
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch's state_dict plus ``rng_state`` (the stochastic-rounding generator, uint8)."""
+        sd = super().state_dict()
+        sd["rng_state"] = self._generator.get_state()
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state_dict of an optimizer with the same storage options.
+
+        Unlike ``torch.optim.Optimizer.load_state_dict``, state tensors keep their dtype (codes
+        and scales are never cast to the parameter dtype); they only move to the parameter's device.
+        Raises ValueError, changing nothing, when groups, options or state layouts differ.
+        """
+        saved_groups = state_dict.get("param_groups")
+        if not isinstance(saved_groups, list) or len(saved_groups) != len(self.param_groups):
+            raise ValueError("state_dict has a different number of parameter groups")
+        if "rng_state" not in state_dict:
+            raise ValueError("state_dict lacks 'rng_state': it was not saved by a slimtrain optimizer")
+        index_to_param = {}
+        for i, (saved, group) in enumerate(zip(saved_groups, self.param_groups, strict=True)):
+            for key in LAYOUT_OPTIONS:
+                if tuple_or_value(saved.get(key)) != tuple_or_value(group[key]):
+                    raise ValueError(
+                        f"state_dict was saved with {key}={saved.get(key)!r} in param group {i}; "
+                        f"this optimizer has {key}={group[key]!r}"
+                    )
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(f"param group {i} has {len(group['params'])} parameters, "
+                                 f"the state_dict {len(saved['params'])}")
+            index_to_param.update(zip(saved["params"], group["params"], strict=True))
+        saved_state = state_dict["state"]
+        group_of = {id(p): g for g in self.param_groups for p in g["params"]}
+        for index, values in saved_state.items():
+            param = index_to_param[index]
+            self._check_saved_state(index, values, group_of[id(param)], param)
+        super().load_state_dict({**state_dict, "state": {}})
+        self._generator.set_state(state_dict["rng_state"])
+        for index, values in saved_state.items():
+            param = index_to_param[index]
+            self.state[param] = {
+                key: value.to(param.device) if torch.is_tensor(value) else value
+                for key, value in values.items()
+            }
+
+    def _check_saved_state(self, index: int, values: dict, group: dict, param: torch.Tensor) -> None:
+        expected = {"step": ((), torch.float32)}
+        for name, fmt in self.state_formats(group, param).items():
+            expected.update(layout(fmt, name, param.shape))
+        found = {k: (tuple(v.shape), v.dtype) for k, v in values.items() if torch.is_tensor(v)}
+        if found != expected:
+            raise ValueError(
+                f"state of parameter {index} does not match this optimizer's configuration: "
+                f"expected {expected}, found {found}"
+            )
+
+
+def tuple_or_value(value: Any) -> Any:
+    """Lists (as saved by some serializers) and tuples compare equal."""
+    return tuple(value) if isinstance(value, list) else value

@@ -1,0 +1,126 @@
+"""Optimizer state storage: one state tensor kept at 32, 16, 8, 4, 3 or 2 bits.
+
+A state named ``name`` of a parameter lives in the optimizer's per-parameter dict as
+- 32 bits: ``state[name]``, float32, the parameter's shape;
+- 16 bits: ``state[name]``, bfloat16, the parameter's shape;
+- 8/4/3/2 bits: ``state[name + "_codes"]`` (uint8, bit-packed codes) and ``state[name + "_scales"]``
+  (float32: one absmax per block for signed maps, (max, x_p) per block for the logarithmic map).
+All are plain tensors, so ``torch.save`` / ``torch.load(weights_only=True)`` round-trip them.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+
+from slimtrain.quant import (
+    block_count,
+    codebook,
+    median_spacing_radius,
+    dequantize_absmax,
+    dequantize_log,
+    packed_numel,
+    quantize_absmax,
+    quantize_log,
+)
+
+STATE_BITS = (32, 16, 8, 4, 3, 2)
+SIGNED_MAPS = ("dynamic", "linear")
+UNSIGNED_MAPS = ("log", "dynamic", "linear")
+
+
+@dataclass(frozen=True)
+class StateFormat:
+    """How one state tensor is stored.
+
+    bits: 32, 16, 8, 4, 3 or 2. signed: whether the state can be negative (m) or not (v).
+    kind: the level map below 16 bits ("dynamic", "linear", or "log" for unsigned states).
+    block_size: elements per scale. quantile: p of the logarithmic map's lower anchor.
+    stochastic: stochastic rounding when encoding (needs a seed per write).
+    """
+
+    bits: int
+    signed: bool
+    kind: str = "dynamic"
+    block_size: int = 128
+    quantile: float = 0.1
+    stochastic: bool = False
+
+    @property
+    def quantized(self) -> bool:
+        return self.bits <= 8
+
+
+def layout(fmt: StateFormat, name: str, shape: torch.Size) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """The tensors (key -> (shape, dtype)) that hold state ``name`` of a parameter of ``shape``."""
+    if fmt.bits == 32:
+        return {name: (tuple(shape), torch.float32)}
+    if fmt.bits == 16:
+        return {name: (tuple(shape), torch.bfloat16)}
+    blocks = block_count(shape.numel(), fmt.block_size)
+    scales = (blocks, 2) if fmt.kind == "log" else (blocks,)
+    return {
+        name + "_codes": ((packed_numel(blocks * fmt.block_size, fmt.bits),), torch.uint8),
+        name + "_scales": (scales, torch.float32),
+    }
+
+
+def init_state(state: dict, name: str, fmt: StateFormat, param: torch.Tensor) -> None:
+    """Store state ``name`` = 0 (all-zero codes and scales decode to exactly 0 in every format)."""
+    for key, (shape, dtype) in layout(fmt, name, param.shape).items():
+        state[key] = torch.zeros(shape, dtype=dtype, device=param.device)
+
+
+def read_state(state: dict, name: str, fmt: StateFormat, param: torch.Tensor) -> torch.Tensor:
+    """State ``name`` as float32 in the parameter's shape.
+
+    At 32 bits this is the stored tensor itself (update it in place); otherwise a decoded copy
+    that must be written back with :func:`write_state`.
+    """
+    if fmt.bits == 32:
+        return state[name]
+    if fmt.bits == 16:
+        return state[name].float()
+    codes, scales = state[name + "_codes"], state[name + "_scales"]
+    numel = param.numel()
+    if fmt.kind == "log":
+        flat = dequantize_log(codes, scales, fmt.bits, numel, fmt.block_size)
+    else:
+        flat = dequantize_absmax(codes, scales, fmt.bits, numel, fmt.block_size, fmt.kind, fmt.signed)
+    return flat.view(param.shape)
+
+
+def write_state(
+    state: dict, name: str, fmt: StateFormat, value: torch.Tensor, seed: int | None = None
+) -> None:
+    """Encode float32 ``value`` into state ``name`` (``seed`` drives stochastic rounding)."""
+    if fmt.bits == 32:
+        if value is not state[name]:
+            state[name].copy_(value)
+        return
+    if fmt.bits == 16:
+        state[name].copy_(value)
+        return
+    seed = seed if fmt.stochastic else None
+    if fmt.kind == "log":
+        codes, scales = quantize_log(value, fmt.bits, fmt.block_size, fmt.quantile, seed)
+    else:
+        codes, scales = quantize_absmax(value, fmt.bits, fmt.kind, fmt.signed, fmt.block_size, seed)
+    state[name + "_codes"].copy_(codes)
+    state[name + "_scales"].copy_(scales)
+
+
+@functools.lru_cache(maxsize=None)
+def scaled_beta(beta: float, bits: int, reference_bits: int, kind: str = "dynamic") -> float:
+    """SOLO's precision-specific momentum: the beta' whose quantization noise at ``bits`` equals
+    that of ``beta`` at ``reference_bits``: beta'/(1-beta') * r(bits) = beta/(1-beta) * r(ref),
+    with r the median spacing radius of the ``kind`` signed map. Never raises beta."""
+    if bits >= reference_bits or beta <= 0.0:
+        return beta
+    ratio = median_spacing_radius(codebook(kind, reference_bits, True)) / median_spacing_radius(
+        codebook(kind, bits, True)
+    )
+    c = beta / (1.0 - beta) * ratio
+    return c / (1.0 + c)

@@ -1,0 +1,141 @@
+"""Block-wise quantizers for flat tensors: absmax + codebook (signed or unsigned) and logarithmic.
+
+A tensor of ``numel`` elements is viewed as ``ceil(numel / block_size)`` blocks of exactly
+``block_size`` elements; the last block is padded with zeros that never influence its scale and
+are dropped on decode. Codes are bit-packed (see :mod:`slimtrain.quant.packing`).
+
+Rounding is nearest when ``seed`` is None, otherwise stochastic with noise
+``uniform_noise(numel_padded, seed)`` (draw the seed from a ``torch.Generator`` with
+:func:`slimtrain.quant.rounding.draw_seed`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from slimtrain.quant.codebooks import codebook
+from slimtrain.quant.packing import pack, unpack
+from slimtrain.quant.rounding import round_stochastic, round_to_codebook, uniform_noise
+
+QUANTILE_BISECTION_STEPS = 12
+_TINY = torch.finfo(torch.float32).tiny
+
+
+def block_count(numel: int, block_size: int) -> int:
+    """Number of blocks of ``block_size`` that cover ``numel`` elements (the last may be partial)."""
+    return -(-numel // block_size)
+
+
+def to_blocks(x: torch.Tensor, block_size: int) -> torch.Tensor:
+    """``x`` (any shape) as float32 blocks ``(block_count, block_size)``, tail padded with zeros."""
+    flat = x.reshape(-1).float()
+    pad = -flat.numel() % block_size
+    if pad:
+        flat = torch.nn.functional.pad(flat, (0, pad))
+    return flat.view(-1, block_size)
+
+
+def _noise_like(blocks: torch.Tensor, seed: int | None) -> torch.Tensor | None:
+    return None if seed is None else uniform_noise(blocks.numel(), seed, blocks.device).view_as(blocks)
+
+
+def quantize_absmax(
+    x: torch.Tensor, bits: int, kind: str = "dynamic", signed: bool = True,
+    block_size: int = 128, seed: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize ``x`` with one absmax scale per block onto a ``kind`` codebook.
+
+    Returns (codes: uint8 packed, ``bits`` per padded element; scales: float32 ``(blocks,)``).
+    """
+    blocks = to_blocks(x, block_size)
+    scales = blocks.abs().amax(dim=1)
+    normalized = blocks / torch.where(scales > 0, scales, 1.0)[:, None]
+    levels = codebook(kind, bits, signed, blocks.device)
+    codes = round_to_codebook(normalized, levels, _noise_like(blocks, seed))
+    return pack(codes, bits), scales
+
+
+def _unpack_blocks(codes: torch.Tensor, bits: int, count: int, block_size: int) -> torch.Tensor:
+    return unpack(codes, bits, count * block_size).view(count, block_size)
+
+
+def dequantize_absmax(
+    codes: torch.Tensor, scales: torch.Tensor, bits: int, numel: int, block_size: int = 128,
+    kind: str = "dynamic", signed: bool = True,
+) -> torch.Tensor:
+    """Inverse of :func:`quantize_absmax`: a flat float32 tensor of ``numel`` elements."""
+    indices = _unpack_blocks(codes, bits, scales.numel(), block_size)
+    levels = codebook(kind, bits, signed, codes.device)
+    return (levels[indices] * scales[:, None]).reshape(-1)[:numel]
+
+
+def _valid_counts(numel: int, blocks: torch.Tensor) -> torch.Tensor:
+    """Real (unpadded) elements per block, ``(blocks,)`` int64."""
+    count, size = blocks.shape
+    valid = torch.full((count,), size, dtype=torch.int64, device=blocks.device)
+    valid[-1] = numel - (count - 1) * size
+    return valid
+
+
+def block_quantile(blocks: torch.Tensor, numel: int, quantile: float) -> torch.Tensor:
+    """Lower anchor x_p of each block of non-negative values, ``(blocks,)`` float32.
+
+    x_p is the p-quantile (the ceil(p * n)-th smallest of the block's n real elements), found by
+    bisection in log2 between the smallest positive element and the max, to within
+    2^-QUANTILE_BISECTION_STEPS of that log range. x_p is always an element of the block and
+    never below the true quantile. Where
+    the quantile is 0 (more than a fraction p of the block is exactly zero) x_p is the smallest
+    positive element; an all-zero block gets x_p = 0.
+    """
+    valid = _valid_counts(numel, blocks)
+    rank = torch.ceil(quantile * valid).clamp(min=1) + (blocks.shape[1] - valid)  # pads are zeros
+    log_x = torch.log2(blocks)  # -inf for zeros
+    high = log_x.amax(dim=1)
+    low = torch.where(blocks > 0, log_x, torch.inf).amin(dim=1)
+    low = torch.where(torch.isfinite(low), low, high)
+    for _ in range(QUANTILE_BISECTION_STEPS):
+        mid = (low + high) / 2
+        enough = (log_x <= mid[:, None]).sum(dim=1) >= rank
+        high = torch.where(enough, mid, high)
+        low = torch.where(enough, low, mid)
+    # snap to the largest element not above 2^high: a real element of the block, >= the quantile
+    return torch.where(log_x <= high[:, None], blocks, 0.0).amax(dim=1)
+
+
+def quantize_log(
+    x: torch.Tensor, bits: int, block_size: int = 128, quantile: float = 0.1,
+    seed: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize non-negative ``x`` onto geometric levels per block (SOLO's unsigned quantizer).
+
+    Block levels are max * alpha^k, k = 0 .. 2^bits - 1, alpha = (x_p / max)^(1 / (2^bits - 1)),
+    with x_p from :func:`block_quantile`. There is no zero level: values below x_p (zeros
+    included) take the lowest level. Rounding happens on the exponent k (stochastic rounding is
+    unbiased in the log domain). Returns (codes: uint8 packed; scales: float32 ``(blocks, 2)``
+    holding (max, x_p)).
+    """
+    blocks = to_blocks(x, block_size)
+    numel = x.numel()
+    top = blocks.amax(dim=1)
+    bottom = block_quantile(blocks, numel, quantile)
+    last = 2**bits - 1
+    log_top = torch.log2(torch.where(top > 0, top, 1.0))
+    step = (log_top - torch.log2(torch.where(top > 0, bottom, 1.0))) / last  # log2 units per level
+    exponent = (log_top[:, None] - torch.log2(blocks.clamp(min=_TINY))) / torch.where(
+        step > 0, step, torch.inf
+    )[:, None]
+    codes = round_stochastic(exponent, _noise_like(blocks, seed)).clamp(0, last)
+    return pack(codes.to(torch.uint8), bits), torch.stack([top, bottom], dim=1)
+
+
+def dequantize_log(
+    codes: torch.Tensor, scales: torch.Tensor, bits: int, numel: int, block_size: int = 128
+) -> torch.Tensor:
+    """Inverse of :func:`quantize_log`: a flat float32 tensor of ``numel`` elements."""
+    indices = _unpack_blocks(codes, bits, scales.shape[0], block_size).float()
+    top, bottom = scales[:, 0:1], scales[:, 1:2]
+    positive = top > 0
+    log_top = torch.log2(torch.where(positive, top, 1.0))
+    step = (log_top - torch.log2(torch.where(positive, bottom, 1.0))) / (2**bits - 1)
+    values = torch.exp2(log_top - step * indices)
+    return torch.where(positive, values, 0.0).reshape(-1)[:numel]

@@ -1,0 +1,72 @@
+"""Rounding: counter-based uniform noise, stochastic rounding and rounding onto codebooks.
+
+Stochastic rounding (SR) is driven by an explicit ``torch.Generator``: each call draws one 31-bit
+seed from it (:func:`draw_seed`) and the per-element noise is a hash of (seed, element index)
+(:func:`uniform_noise`). The noise is therefore reproducible from the generator state alone,
+identical on every device, and computable inside a fused kernel.
+"""
+
+from __future__ import annotations
+
+import torch
+
+ROUNDING_MODES = ("nearest", "stochastic")
+
+_MASK32 = 0xFFFFFFFF
+_MIX = 0x45D9F3B  # odd multiplier < 2^27: a 32-bit value times it never overflows int64
+
+
+def check_rounding(rounding: str, name: str = "rounding") -> None:
+    """Raise ValueError unless ``rounding`` is ``"nearest"`` or ``"stochastic"``."""
+    if rounding not in ROUNDING_MODES:
+        raise ValueError(f"{name} must be one of {ROUNDING_MODES}, got {rounding!r}")
+
+
+def draw_seed(generator: torch.Generator | None) -> int:
+    """One seed in [0, 2^31) from ``generator`` (the global CPU generator when None)."""
+    return int(torch.randint(0, 2**31 - 1, (), generator=generator, device="cpu"))
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """One round of a 32-bit integer avalanche on int64 holding values in [0, 2^32)."""
+    x = ((x >> 16) ^ x) * _MIX & _MASK32
+    return ((x >> 16) ^ x) * _MIX & _MASK32
+
+
+def uniform_noise(numel: int, seed: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """``(numel,)`` float32 noise in [0, 1) with 24 random bits per element, a pure function of seed.
+
+    Element i is hash(i + hash(seed)); different seeds give independent-looking streams.
+    """
+    key = _mix32(torch.tensor(seed & _MASK32, dtype=torch.int64))
+    x = (torch.arange(numel, dtype=torch.int64, device=device) + key.to(device)) & _MASK32
+    x = _mix32(_mix32(x))
+    x = (x >> 16) ^ x
+    return (x >> 8).to(torch.float32) * (1.0 / 2**24)
+
+
+def round_stochastic(x: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
+    """Round float ``x`` to integers (as float): floor(x + noise), or nearest when noise is None.
+
+    With noise ~ U[0, 1) the result is unbiased: E[round_stochastic(x)] = x.
+    """
+    return torch.round(x) if noise is None else torch.floor(x + noise.view_as(x))
+
+
+def round_to_codebook(
+    x: torch.Tensor, levels: torch.Tensor, noise: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Indices (int64, same shape as ``x``) of ``levels`` (sorted ascending) for the values ``x``.
+
+    Nearest level when ``noise`` is None; otherwise x lands on one of its two neighbours with
+    probabilities that make the decoded value unbiased (values outside the range are clamped).
+    """
+    n = levels.numel()
+    if noise is None:
+        midpoints = (levels[1:] + levels[:-1]) / 2
+        return torch.bucketize(x, midpoints)
+    low = (torch.bucketize(x, levels, right=True) - 1).clamp(0, n - 2)
+    low_level = levels[low]
+    gap = levels[low + 1] - low_level
+    frac = ((x - low_level) / torch.where(gap > 0, gap, 1.0)).clamp(0.0, 1.0)
+    return low + (noise.view_as(x) < frac).long()
