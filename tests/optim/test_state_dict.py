@@ -72,7 +72,7 @@ def test_sgd_resume_continues_exactly():
                   state_rounding="stochastic", min_quantized_numel=0)
     opt2.load_state_dict(saved[1])
     train(other, opt2, data[5:])
-    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), other.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), other.parameters(), strict=True))
 
 
 def test_mismatched_configuration_is_refused_untouched():

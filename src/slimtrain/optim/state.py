@@ -18,9 +18,9 @@ import torch
 from slimtrain.quant import (
     block_count,
     codebook,
-    median_spacing_radius,
     dequantize_absmax,
     dequantize_log,
+    median_spacing_radius,
     packed_numel,
     quantize_absmax,
     quantize_log,
@@ -112,7 +112,7 @@ def write_state(
     state[name + "_scales"].copy_(scales)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def scaled_beta(beta: float, bits: int, reference_bits: int, kind: str = "dynamic") -> float:
     """SOLO's precision-specific momentum: the beta' whose quantization noise at ``bits`` equals
     that of ``beta`` at ``reference_bits``: beta'/(1-beta') * r(bits) = beta/(1-beta) * r(ref),

@@ -51,7 +51,7 @@ def _linear_levels(bits: int, signed: bool) -> list[float]:
     return [i / (n - 1) for i in range(n)]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _codebook_cpu(kind: str, bits: int, signed: bool) -> torch.Tensor:
     build = {"dynamic": _dynamic_exponent_levels, "linear": _linear_levels}[kind]
     levels = torch.tensor(sorted(build(bits, signed)), dtype=torch.float32)
