@@ -34,8 +34,8 @@ def test_absmax_nearest_picks_the_nearest_level(xs, bits, kind, block):
     safe = torch.where(scale > 0, scale, 1.0)
     levels = codebook(kind, bits, True).double()
     best = ((x / safe).double()[:, None] - levels[None, :]).abs().min(dim=1).values
-    got = ((y - x) / safe).double().abs()
-    assert torch.all(got <= best + 1e-6)
+    got = (y - x).double().abs()
+    assert torch.all(got <= (best + 1e-6) * safe + 2**-148)  # plus rounding of subnormal products
 
 
 @settings(max_examples=100, deadline=None)

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
 from slimtrain.optim.base import LowBitOptimizer, as_pair, check_choice, check_number
-from slimtrain.optim.functional import adamw_update_
+from slimtrain.optim.functional import adam_step_scalars, adamw_update_
 from slimtrain.optim.state import SIGNED_MAPS, STATE_BITS, UNSIGNED_MAPS, StateFormat, scaled_beta
 from slimtrain.quant import ROUNDING_MODES
 
@@ -29,7 +27,10 @@ class AdamW(LowBitOptimizer):
         min_quantized_numel: tensors with fewer elements keep float32 states.
         beta1_policy: "scaled" lowers beta1 for low-bit m so that its quantization noise matches
             that of ``betas[0]`` at ``beta1_reference_bits`` bits (SOLO); "fixed" keeps betas[0].
-        seed: seed of the stochastic-rounding generator (saved in ``state_dict``).
+        compile: run steps with quantized states through ``torch.compile`` (one fused pass per
+            chunk of 2^20 elements; compiled once per state format and shape family), else eagerly.
+        seed: seed of the stochastic-rounding generator (saved in ``state_dict``); default
+            ``torch.initial_seed()``.
     """
 
     state_names = ("exp_avg", "exp_avg_sq")
@@ -43,14 +44,14 @@ class AdamW(LowBitOptimizer):
         state_rounding: tuple[str, str] = ("nearest", "stochastic"),
         block_size: int = 128, quantile: float = 0.1, min_quantized_numel: int = 4096,
         beta1_policy: str = "scaled", beta1_reference_bits: int = 5,
-        maximize: bool = False, seed: int | None = None,
+        maximize: bool = False, compile: bool = True, seed: int | None = None,
     ) -> None:
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize,
             state_bits=state_bits, state_maps=state_maps, state_rounding=state_rounding,
             block_size=block_size,
             quantile=quantile, min_quantized_numel=min_quantized_numel,
-            beta1_policy=beta1_policy, beta1_reference_bits=beta1_reference_bits,
+            beta1_policy=beta1_policy, beta1_reference_bits=beta1_reference_bits, compile=compile,
         )
         super().__init__(params, defaults, seed)
 
@@ -83,13 +84,16 @@ class AdamW(LowBitOptimizer):
             return beta1
         return scaled_beta(beta1, m_format.bits, group["beta1_reference_bits"], m_format.kind)
 
-    def _apply(
-        self, group: dict[str, Any], param: torch.Tensor, grad: torch.Tensor,
-        states: dict[str, torch.Tensor], formats: dict[str, StateFormat], *, step: float,
-        first: bool,
-    ) -> None:
-        adamw_update_(
-            param, grad, states["exp_avg"], states["exp_avg_sq"], step=step, lr=group["lr"],
-            beta1=self.effective_beta1(group, formats["exp_avg"]), beta2=group["betas"][1],
-            eps=group["eps"], weight_decay=group["weight_decay"],
+    @staticmethod
+    def update_rule(param, grad, states, scalars, first) -> None:  # noqa: ANN001
+        adamw_update_(param, grad, states["exp_avg"], states["exp_avg_sq"], **scalars)
+
+    def _scalars(
+        self, group: dict[str, Any], formats: dict[str, StateFormat], step: float
+    ) -> dict[str, Any]:
+        beta1, beta2 = self.effective_beta1(group, formats["exp_avg"]), group["betas"][1]
+        step_size, bias_correction2_sqrt = adam_step_scalars(group["lr"], beta1, beta2, step)
+        return dict(
+            decay=1 - group["lr"] * group["weight_decay"], beta1=beta1, beta2=beta2,
+            eps=group["eps"], step_size=step_size, bias_correction2_sqrt=bias_correction2_sqrt,
         )

@@ -4,12 +4,21 @@ stochastic-rounding generator, and state_dict round trips that never cast quanti
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
 import torch
 
-from slimtrain.optim.state import StateFormat, init_state, layout, read_state, write_state
+from slimtrain.optim.state import (
+    StateFormat,
+    chunk_numel,
+    chunk_views,
+    init_state,
+    layout,
+    read_state,
+    write_state,
+)
 from slimtrain.quant import draw_seed
 
 # Group options that decide how state is stored: a state_dict must agree on them to load.
@@ -74,8 +83,10 @@ class LowBitOptimizer(torch.optim.Optimizer):
         """Raise ValueError for a bad option of ``group``; normalize tuple-valued options in place."""
         check_number("lr", group["lr"])
         check_number("weight_decay", group["weight_decay"])
-        if not isinstance(group["block_size"], int) or group["block_size"] < 8:
-            raise ValueError(f"block_size must be an integer >= 8, got {group['block_size']!r}")
+        size = group["block_size"]
+        if not isinstance(size, int) or size < 8 or size % 8:
+            raise ValueError(f"block_size must be a positive multiple of 8, got {size!r}")
+        check_choice("compile", group["compile"], (True, False))
         check_number("quantile", group["quantile"], 0.0, 1.0, high_open=True)
         check_number("min_quantized_numel", group["min_quantized_numel"], 0)
 
@@ -138,29 +149,42 @@ class LowBitOptimizer(torch.optim.Optimizer):
         return loss
 
     def _update(self, group: dict[str, Any], param: torch.Tensor, state: dict) -> None:
-        """Decode the states of ``param`` to float32, apply the update rule, encode them back."""
+        """Advance ``param`` and its states, chunk by chunk (decode, update rule, encode)."""
         formats = self.state_formats(group, param)
         first = not state
         if first:
             self._init_states(state, formats, param)
         state["step"] += 1
-        grad = param.grad.float()
-        if group["maximize"]:
-            grad = -grad
-        work = param if param.dtype == torch.float32 else param.float()
-        values = {name: read_state(state, name, fmt, param) for name, fmt in formats.items()}
-        self._apply(group, work, grad, values, formats, step=state["step"].item(), first=first)
-        for name, fmt in formats.items():
-            write_state(state, name, fmt, values[name], self._seed(fmt))
-        if work is not param:
-            param.copy_(work)
+        scalars = self._scalars(group, formats, state["step"].item())
+        seeds = {name: self._seed(fmt) for name, fmt in formats.items()}
+        compiled = group["compile"] and any(f.quantized for f in formats.values())
+        if compiled:  # tensors, so that a compiled step does not specialize on their values
+            scalars = {k: torch.tensor(v, dtype=torch.float32, device=param.device)
+                       for k, v in scalars.items()}
+        target = param if param.is_contiguous() else param.contiguous()
+        flat, grad = target.view(-1), param.grad.reshape(-1)
+        chunk = chunk_numel(group["block_size"])
+        for index, start in enumerate(range(0, flat.numel(), chunk)):
+            stop = min(start + chunk, flat.numel())
+            views: dict[str, torch.Tensor] = {}
+            for name, fmt in formats.items():
+                views.update(chunk_views(state, name, fmt, start, stop))
+            chunk_seeds = {
+                name: None if seed is None else torch.tensor(seed + index, device=param.device)
+                for name, seed in seeds.items()
+            }
+            step_chunk = compiled_step_chunk if compiled else step_chunk_
+            step_chunk(self.update_rule, formats, group["maximize"], first, flat[start:stop],
+                       grad[start:stop], views, scalars, chunk_seeds)
+        if target is not param:
+            param.copy_(target)
 
-    def _apply(
-        self, group: dict[str, Any], param: torch.Tensor, grad: torch.Tensor,
-        states: dict[str, torch.Tensor], formats: dict[str, StateFormat], *, step: float,
-        first: bool,
-    ) -> None:
-        """The update rule on float32 tensors: ``param`` and ``states`` are updated in place."""
+    update_rule: Any = None  # (param, grad, states, scalars, first) -> None, set by subclasses
+
+    def _scalars(
+        self, group: dict[str, Any], formats: dict[str, StateFormat], step: float
+    ) -> dict[str, Any]:
+        """The scalar arguments of ``update_rule`` for this step (floats or bools)."""
         raise NotImplementedError
 
     # ------------------------------------------------------------------------- state_dict
@@ -228,6 +252,45 @@ class LowBitOptimizer(torch.optim.Optimizer):
                 f"state of parameter {index} does not match this optimizer's configuration: "
                 f"expected {expected}, found {found}"
             )
+
+
+def step_chunk_(
+    update_rule: Any, formats: dict[str, StateFormat], maximize: bool, first: bool,
+    param: torch.Tensor, grad: torch.Tensor, views: dict[str, torch.Tensor],
+    scalars: dict[str, Any], seeds: dict[str, torch.Tensor | None],
+) -> None:
+    """One chunk of a step: decode states to float32, apply ``update_rule``, encode states back,
+    write the parameter. ``param``/``grad`` are flat chunks; ``views`` the chunk's state tensors."""
+    work = param if param.dtype == torch.float32 else param.float()
+    grad = grad.float()
+    if maximize:
+        grad = -grad
+    values = {name: read_state(views, name, fmt, work) for name, fmt in formats.items()}
+    update_rule(work, grad, values, scalars, first)
+    for name, fmt in formats.items():
+        write_state(views, name, fmt, values[name], seeds[name])
+    if work is not param:
+        param.copy_(work)
+
+
+_compiled_step_chunk = None
+
+
+def compiled_step_chunk(*args: Any) -> None:
+    """:func:`step_chunk_` through ``torch.compile`` (C++ on CPU, Triton on GPU): one fused pass
+    per chunk. Falls back to eager, with one warning, where compilation is unavailable."""
+    global _compiled_step_chunk
+    if _compiled_step_chunk is None:
+        _compiled_step_chunk = torch.compile(step_chunk_)
+    if _compiled_step_chunk is step_chunk_:
+        return step_chunk_(*args)
+    try:
+        return _compiled_step_chunk(*args)
+    except Exception as error:  # no C++ compiler, unsupported device, ...
+        warnings.warn(f"torch.compile failed ({type(error).__name__}: {error}); slimtrain steps "
+                      "run eagerly from now on", RuntimeWarning, stacklevel=3)
+        _compiled_step_chunk = step_chunk_
+        return step_chunk_(*args)
 
 
 def tuple_or_value(value: Any) -> Any:

@@ -5,23 +5,41 @@ from __future__ import annotations
 
 import torch
 
+Scalar = float | torch.Tensor
+
+
+def adam_step_scalars(lr: float, beta1: float, beta2: float, step: float) -> tuple[float, float]:
+    """(step_size, sqrt of the second bias correction) of Adam at ``step`` (>= 1), as torch computes
+    them. Kept out of :func:`adamw_update_` so that a compiled update does not specialize on step."""
+    return lr / (1 - beta1**step), (1 - beta2**step) ** 0.5
+
 
 def adamw_update_(
     param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, *,
-    step: float, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
+    decay: Scalar, beta1: Scalar, beta2: Scalar, eps: Scalar, step_size: Scalar,
+    bias_correction2_sqrt: Scalar,
 ) -> None:
-    """One AdamW step (decoupled weight decay) in place on ``param``, ``exp_avg``, ``exp_avg_sq``.
+    """One AdamW step in place on ``param``, ``exp_avg`` and ``exp_avg_sq`` (float32, one shape).
 
-    All tensors float32 of one shape; ``step`` is the count including this step (>= 1).
+    decay = 1 - lr * weight_decay (decoupled); step_size and bias_correction2_sqrt come from
+    :func:`adam_step_scalars`. Scalars are Python floats or 0-d float32 tensors (for a compiled
+    caller); either way each op rounds as torch.optim.AdamW's single-tensor path does.
     """
-    param.mul_(1 - lr * weight_decay)
+    param.mul_(decay)
     exp_avg.lerp_(grad, 1 - beta1)
-    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-    bias_correction1 = 1 - beta1**step
-    bias_correction2 = 1 - beta2**step
-    step_size = lr / bias_correction1
-    denom = (exp_avg_sq.sqrt() / bias_correction2**0.5).add_(eps)
-    param.addcdiv_(exp_avg, denom, value=-step_size)
+    _addcmul_(exp_avg_sq.mul_(beta2), grad, grad, 1 - beta2)
+    denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+    _addcdiv_(param, exp_avg, denom, -step_size)
+
+
+def _addcmul_(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, value: Scalar) -> torch.Tensor:
+    """x += value * a * b: torch's fused kernel for a float ``value``, plain ops for a tensor one."""
+    return x.addcmul_(a, b, value=value) if isinstance(value, float) else x.add_(value * a * b)
+
+
+def _addcdiv_(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, value: Scalar) -> torch.Tensor:
+    """x += value * a / b: torch's fused kernel for a float ``value``, plain ops for a tensor one."""
+    return x.addcdiv_(a, b, value=value) if isinstance(value, float) else x.add_(value * (a / b))
 
 
 def sgd_update_(

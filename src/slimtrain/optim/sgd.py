@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
 from slimtrain.optim.base import LowBitOptimizer, check_choice, check_number
 from slimtrain.optim.functional import sgd_update_
 from slimtrain.optim.state import SIGNED_MAPS, STATE_BITS, StateFormat
@@ -37,7 +35,7 @@ class SGD(LowBitOptimizer):
             lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
             nesterov=nesterov, maximize=maximize, state_bits=state_bits,
             state_maps=state_maps, state_rounding=state_rounding, block_size=block_size,
-            quantile=0.1, min_quantized_numel=min_quantized_numel,
+            quantile=0.1, min_quantized_numel=min_quantized_numel, compile=False,
         )
         super().__init__(params, defaults, seed)
 
@@ -57,13 +55,12 @@ class SGD(LowBitOptimizer):
     def has_states(self, group: dict[str, Any]) -> bool:
         return group["momentum"] != 0
 
-    def _apply(
-        self, group: dict[str, Any], param: torch.Tensor, grad: torch.Tensor,
-        states: dict[str, torch.Tensor], formats: dict[str, StateFormat], *, step: float,
-        first: bool,
-    ) -> None:
-        sgd_update_(
-            param, grad, states.get("momentum_buffer"), first=first, lr=group["lr"],
-            momentum=group["momentum"], dampening=group["dampening"],
-            weight_decay=group["weight_decay"], nesterov=group["nesterov"],
-        )
+    @staticmethod
+    def update_rule(param, grad, states, scalars, first) -> None:  # noqa: ANN001
+        sgd_update_(param, grad, states.get("momentum_buffer"), first=first, **scalars)
+
+    def _scalars(
+        self, group: dict[str, Any], formats: dict[str, StateFormat], step: float
+    ) -> dict[str, Any]:
+        keys = ("lr", "momentum", "dampening", "weight_decay", "nesterov")
+        return {key: group[key] for key in keys}

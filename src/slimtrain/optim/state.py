@@ -67,6 +67,28 @@ def layout(fmt: StateFormat, name: str, shape: torch.Size) -> dict[str, tuple[tu
     }
 
 
+def chunk_numel(block_size: int, target: int = 2**20) -> int:
+    """Elements per processing chunk: a multiple of ``block_size`` (itself a multiple of 8) near
+    ``target``, so that chunks cut whole blocks and whole bytes of packed codes."""
+    return max(1, target // block_size) * block_size
+
+
+def chunk_views(state: dict, name: str, fmt: StateFormat, start: int, stop: int) -> dict[str, torch.Tensor]:
+    """Views of the tensors of state ``name`` that cover parameter elements [start, stop).
+
+    ``start`` must be a multiple of ``fmt.block_size`` (see :func:`chunk_numel`).
+    """
+    if not fmt.quantized:
+        return {name: state[name].view(-1)[start:stop]}
+    first, last = start // fmt.block_size, block_count(stop, fmt.block_size)
+    code_start = start * fmt.bits // 8
+    code_stop = code_start + packed_numel((last - first) * fmt.block_size, fmt.bits)
+    return {
+        name + "_codes": state[name + "_codes"][code_start:code_stop],
+        name + "_scales": state[name + "_scales"][first:last],
+    }
+
+
 def init_state(state: dict, name: str, fmt: StateFormat, param: torch.Tensor) -> None:
     """Store state ``name`` = 0 (all-zero codes and scales decode to exactly 0 in every format)."""
     for key, (shape, dtype) in layout(fmt, name, param.shape).items():

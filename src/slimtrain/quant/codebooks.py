@@ -32,9 +32,8 @@ def _dynamic_exponent_levels(bits: int, signed: bool) -> list[float]:
     magnitudes: list[float] = []
     for i in range(decades):
         count = 2 ** (i + extra)
-        edges = torch.linspace(0.1, 1.0, count + 1, dtype=torch.float64)
-        mids = (edges[:-1] + edges[1:]) / 2
-        magnitudes += (mids * 10.0 ** (i - decades + 1)).tolist()
+        width = 0.9 / count  # fractions: midpoints of ``count`` equal cells of [0.1, 1]
+        magnitudes += [(0.1 + (j + 0.5) * width) * 10.0 ** (i - decades + 1) for j in range(count)]
     levels = magnitudes + [0.0, 1.0]
     if signed:
         levels += [-m for m in magnitudes]

@@ -33,12 +33,16 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return ((x >> 16) ^ x) * _MIX & _MASK32
 
 
-def uniform_noise(numel: int, seed: int, device: torch.device | str | None = None) -> torch.Tensor:
+def uniform_noise(
+    numel: int, seed: int | torch.Tensor, device: torch.device | str | None = None
+) -> torch.Tensor:
     """``(numel,)`` float32 noise in [0, 1) with 24 random bits per element, a pure function of seed.
 
     Element i is hash(i + hash(seed)); different seeds give independent-looking streams.
+    ``seed`` may be a 0-d int64 tensor (so that compiled callers do not specialize on it).
     """
-    key = _mix32(torch.tensor(seed & _MASK32, dtype=torch.int64))
+    seed = seed if torch.is_tensor(seed) else torch.tensor(seed, dtype=torch.int64)
+    key = _mix32(seed & _MASK32)
     x = (torch.arange(numel, dtype=torch.int64, device=device) + key.to(device)) & _MASK32
     x = _mix32(_mix32(x))
     x = (x >> 16) ^ x
