@@ -13,10 +13,18 @@ def _storage_key(t: torch.Tensor) -> tuple[str, int]:
 
 
 def tensor_bytes(tensors: Iterable[torch.Tensor], seen: set | None = None) -> int:
-    """Bytes of the distinct storages behind ``tensors`` (shared storages counted once)."""
+    """Bytes of the distinct storages behind ``tensors`` (shared storages counted once).
+
+    Tensor subclasses that wrap other tensors (``__tensor_flatten__``, as torchao's quantized
+    optimizer states do) count the storages of the tensors they wrap.
+    """
     seen = set() if seen is None else seen
     total = 0
     for t in tensors:
+        if type(t) not in (torch.Tensor, torch.nn.Parameter) and hasattr(t, "__tensor_flatten__"):
+            names, _ = t.__tensor_flatten__()
+            total += tensor_bytes((getattr(t, name) for name in names), seen)
+            continue
         key = _storage_key(t)
         if key not in seen:
             seen.add(key)

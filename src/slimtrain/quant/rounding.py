@@ -57,6 +57,40 @@ def round_stochastic(x: torch.Tensor, noise: torch.Tensor | None) -> torch.Tenso
     return torch.round(x) if noise is None else torch.floor(x + noise.view_as(x))
 
 
+SMALL_TABLE = 16  # tables up to this size are searched by comparing against every entry
+
+
+def count_below(table: torch.Tensor, x: torch.Tensor, inclusive: bool = False) -> torch.Tensor:
+    """For sorted ``table`` (T,), the number of entries < x (<= x if ``inclusive``), int64 like x.
+
+    Written as elementwise ops so that a compiled caller fuses it (``torch.bucketize`` is a
+    separate, slower kernel on CPU): a sum of comparisons for small tables, else a branchless
+    binary search of ceil(log2(T + 1)) steps.
+    """
+    def below(entry: torch.Tensor) -> torch.Tensor:
+        return entry <= x if inclusive else entry < x
+
+    if table.numel() <= SMALL_TABLE:
+        count = torch.zeros_like(x, dtype=torch.int64)
+        for entry in table:
+            count = count + below(entry).long()
+        return count
+    size = 1 << table.numel().bit_length()  # a power of two > T
+    padded = torch.cat([table, table.new_full((size - table.numel(),), torch.inf)])
+    position = torch.zeros_like(x, dtype=torch.int64)
+    step = size // 2
+    while step:
+        position = torch.where(below(padded[position + (step - 1)]), position + step, position)
+        step //= 2
+    return position
+
+
+def round_stochastic(x: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
+    """Round float ``x`` to integers (as float): floor(x + noise), or floor(x + 1/2) when noise is
+    None. With noise ~ U[0, 1) the result is unbiased: E[round_stochastic(x)] = x."""
+    return torch.floor(x + (0.5 if noise is None else noise.view_as(x)))
+
+
 def round_to_codebook(
     x: torch.Tensor, levels: torch.Tensor, noise: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -67,9 +101,8 @@ def round_to_codebook(
     """
     n = levels.numel()
     if noise is None:
-        midpoints = (levels[1:] + levels[:-1]) / 2
-        return torch.bucketize(x, midpoints)
-    low = (torch.bucketize(x, levels, right=True) - 1).clamp(0, n - 2)
+        return count_below((levels[1:] + levels[:-1]) / 2, x)
+    low = (count_below(levels[1:-1], x, inclusive=True)).clamp(0, n - 2)
     low_level = levels[low]
     gap = levels[low + 1] - low_level
     frac = ((x - low_level) / torch.where(gap > 0, gap, 1.0)).clamp(0.0, 1.0)
