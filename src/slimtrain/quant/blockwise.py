@@ -17,7 +17,7 @@ from slimtrain.quant.codebooks import codebook
 from slimtrain.quant.packing import pack, unpack
 from slimtrain.quant.rounding import round_stochastic, round_to_codebook, uniform_noise
 
-QUANTILE_BISECTION_STEPS = 12
+QUANTILE_BISECTION_STEPS = 8
 _TINY = torch.finfo(torch.float32).tiny
 
 
@@ -88,14 +88,15 @@ def block_quantile(blocks: torch.Tensor, numel: int, quantile: float) -> torch.T
     positive element; an all-zero block gets x_p = 0.
     """
     valid = _valid_counts(numel, blocks)
-    rank = torch.ceil(quantile * valid).clamp(min=1) + (blocks.shape[1] - valid)  # pads are zeros
+    # pads are zeros; counts are float32 because 64-bit integer sums vectorize poorly
+    rank = (torch.ceil(quantile * valid).clamp(min=1) + (blocks.shape[1] - valid)).float()
     log_x = torch.log2(blocks)  # -inf for zeros
     high = log_x.amax(dim=1)
     low = torch.where(blocks > 0, log_x, torch.inf).amin(dim=1)
     low = torch.where(torch.isfinite(low), low, high)
     for _ in range(QUANTILE_BISECTION_STEPS):
         mid = (low + high) / 2
-        enough = (log_x <= mid[:, None]).sum(dim=1) >= rank
+        enough = (log_x <= mid[:, None]).float().sum(dim=1) >= rank
         high = torch.where(enough, mid, high)
         low = torch.where(enough, low, mid)
     # snap to the largest element not above 2^high: a real element of the block, >= the quantile

@@ -12,8 +12,7 @@ import torch
 
 ROUNDING_MODES = ("nearest", "stochastic")
 
-_MASK32 = 0xFFFFFFFF
-_MIX = 0x45D9F3B  # odd multiplier < 2^27: a 32-bit value times it never overflows int64
+_MIX = 0x45D9F3B  # odd multiplier of a well-mixing 32-bit integer hash
 
 
 def check_rounding(rounding: str, name: str = "rounding") -> None:
@@ -28,9 +27,14 @@ def draw_seed(generator: torch.Generator | None) -> int:
 
 
 def _mix32(x: torch.Tensor) -> torch.Tensor:
-    """One round of a 32-bit integer avalanche on int64 holding values in [0, 2^32)."""
-    x = ((x >> 16) ^ x) * _MIX & _MASK32
-    return ((x >> 16) ^ x) * _MIX & _MASK32
+    """A 32-bit integer avalanche (xor-shift-multiply, twice) on int32 with wrapping arithmetic.
+
+    int32 rather than int64 because 64-bit lanes vectorize poorly on CPUs; ``>>`` is arithmetic
+    on int32, so each shift is masked to act as the logical shift of the unsigned hash.
+    """
+    x = (((x >> 16) & 0xFFFF) ^ x) * _MIX
+    x = (((x >> 16) & 0xFFFF) ^ x) * _MIX
+    return ((x >> 16) & 0xFFFF) ^ x
 
 
 def uniform_noise(
@@ -38,30 +42,21 @@ def uniform_noise(
 ) -> torch.Tensor:
     """``(numel,)`` float32 noise in [0, 1) with 24 random bits per element, a pure function of seed.
 
-    Element i is hash(i + hash(seed)); different seeds give independent-looking streams.
-    ``seed`` may be a 0-d int64 tensor (so that compiled callers do not specialize on it).
+    Element i is hash(i + hash(seed)) in wrapping 32-bit arithmetic; different seeds give
+    independent-looking streams. ``seed`` may be a 0-d integer tensor (so that compiled callers
+    do not specialize on its value).
     """
-    seed = seed if torch.is_tensor(seed) else torch.tensor(seed, dtype=torch.int64)
-    key = _mix32(seed & _MASK32)
-    x = (torch.arange(numel, dtype=torch.int64, device=device) + key.to(device)) & _MASK32
-    x = _mix32(_mix32(x))
-    x = (x >> 16) ^ x
-    return (x >> 8).to(torch.float32) * (1.0 / 2**24)
-
-
-def round_stochastic(x: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
-    """Round float ``x`` to integers (as float): floor(x + noise), or nearest when noise is None.
-
-    With noise ~ U[0, 1) the result is unbiased: E[round_stochastic(x)] = x.
-    """
-    return torch.round(x) if noise is None else torch.floor(x + noise.view_as(x))
+    seed = seed if torch.is_tensor(seed) else torch.tensor(seed)
+    key = _mix32((seed.to(torch.int64) & 0x7FFFFFFF).to(torch.int32).to(device))
+    x = _mix32(torch.arange(numel, dtype=torch.int32, device=device) + key)
+    return ((x >> 8) & 0xFFFFFF).to(torch.float32) * (1.0 / 2**24)
 
 
 SMALL_TABLE = 16  # tables up to this size are searched by comparing against every entry
 
 
 def count_below(table: torch.Tensor, x: torch.Tensor, inclusive: bool = False) -> torch.Tensor:
-    """For sorted ``table`` (T,), the number of entries < x (<= x if ``inclusive``), int64 like x.
+    """For sorted ``table`` (T,), the number of entries < x (<= x if ``inclusive``), int32 like x.
 
     Written as elementwise ops so that a compiled caller fuses it (``torch.bucketize`` is a
     separate, slower kernel on CPU): a sum of comparisons for small tables, else a branchless
@@ -70,14 +65,14 @@ def count_below(table: torch.Tensor, x: torch.Tensor, inclusive: bool = False) -
     def below(entry: torch.Tensor) -> torch.Tensor:
         return entry <= x if inclusive else entry < x
 
-    if table.numel() <= SMALL_TABLE:
-        count = torch.zeros_like(x, dtype=torch.int64)
+    if table.numel() <= SMALL_TABLE:  # float sums: 64-bit integer lanes vectorize poorly
+        count = torch.zeros_like(x, dtype=torch.float32)
         for entry in table:
-            count = count + below(entry).long()
-        return count
+            count = count + below(entry).float()
+        return count.to(torch.int32)
     size = 1 << table.numel().bit_length()  # a power of two > T
     padded = torch.cat([table, table.new_full((size - table.numel(),), torch.inf)])
-    position = torch.zeros_like(x, dtype=torch.int64)
+    position = torch.zeros_like(x, dtype=torch.int32)
     step = size // 2
     while step:
         position = torch.where(below(padded[position + (step - 1)]), position + step, position)
@@ -94,7 +89,7 @@ def round_stochastic(x: torch.Tensor, noise: torch.Tensor | None) -> torch.Tenso
 def round_to_codebook(
     x: torch.Tensor, levels: torch.Tensor, noise: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Indices (int64, same shape as ``x``) of ``levels`` (sorted ascending) for the values ``x``.
+    """Indices (int32, same shape as ``x``) of ``levels`` (sorted ascending) for the values ``x``.
 
     Nearest level when ``noise`` is None; otherwise x lands on one of its two neighbours with
     probabilities that make the decoded value unbiased (values outside the range are clamped).
@@ -106,4 +101,4 @@ def round_to_codebook(
     low_level = levels[low]
     gap = levels[low + 1] - low_level
     frac = ((x - low_level) / torch.where(gap > 0, gap, 1.0)).clamp(0.0, 1.0)
-    return low + (noise.view_as(x) < frac).long()
+    return low + (noise.view_as(x) < frac).to(torch.int32)
