@@ -274,6 +274,7 @@ def step_chunk_(
 
 
 _compiled_step_chunk = None
+COMPILE_LIMIT = 64
 
 
 def compiled_step_chunk(*args: Any) -> None:
@@ -285,7 +286,9 @@ def compiled_step_chunk(*args: Any) -> None:
     if _compiled_step_chunk is step_chunk_:
         return step_chunk_(*args)
     try:
-        return _compiled_step_chunk(*args)
+        # one compiled graph per state format and shape family: allow more than dynamo's default
+        with torch._dynamo.config.patch(recompile_limit=COMPILE_LIMIT):
+            return _compiled_step_chunk(*args)
     except Exception as error:  # no C++ compiler, unsupported device, ...
         warnings.warn(f"torch.compile failed ({type(error).__name__}: {error}); slimtrain steps "
                       "run eagerly from now on", RuntimeWarning, stacklevel=3)

@@ -12,6 +12,7 @@ import torch
 
 ROUNDING_MODES = ("nearest", "stochastic")
 
+_MASK32 = 0xFFFFFFFF
 _MIX = 0x45D9F3B  # odd multiplier of a well-mixing 32-bit integer hash
 
 
@@ -27,14 +28,14 @@ def draw_seed(generator: torch.Generator | None) -> int:
 
 
 def _mix32(x: torch.Tensor) -> torch.Tensor:
-    """A 32-bit integer avalanche (xor-shift-multiply, twice) on int32 with wrapping arithmetic.
+    """A 32-bit integer avalanche (xor-shift-multiply, twice) on int64 holding values in [0, 2^32).
 
-    int32 rather than int64 because 64-bit lanes vectorize poorly on CPUs; ``>>`` is arithmetic
-    on int32, so each shift is masked to act as the logical shift of the unsigned hash.
+    The multiplier is below 2^27, so no product overflows int64: eager and compiled code give
+    the same bits (wrapping int32 arithmetic is undefined in the C++ that torch.compile emits).
     """
-    x = (((x >> 16) & 0xFFFF) ^ x) * _MIX
-    x = (((x >> 16) & 0xFFFF) ^ x) * _MIX
-    return ((x >> 16) & 0xFFFF) ^ x
+    x = ((x >> 16) ^ x) * _MIX & _MASK32
+    x = ((x >> 16) ^ x) * _MIX & _MASK32
+    return (x >> 16) ^ x
 
 
 def uniform_noise(
@@ -42,14 +43,13 @@ def uniform_noise(
 ) -> torch.Tensor:
     """``(numel,)`` float32 noise in [0, 1) with 24 random bits per element, a pure function of seed.
 
-    Element i is hash(i + hash(seed)) in wrapping 32-bit arithmetic; different seeds give
-    independent-looking streams. ``seed`` may be a 0-d integer tensor (so that compiled callers
-    do not specialize on its value).
+    Element i is hash(i + hash(seed)) in 32-bit arithmetic; different seeds give independent-looking
+    streams. ``seed`` may be a 0-d integer tensor (so that compiled callers do not specialize on it).
     """
     seed = seed if torch.is_tensor(seed) else torch.tensor(seed)
-    key = _mix32((seed.to(torch.int64) & 0x7FFFFFFF).to(torch.int32).to(device))
-    x = _mix32(torch.arange(numel, dtype=torch.int32, device=device) + key)
-    return ((x >> 8) & 0xFFFFFF).to(torch.float32) * (1.0 / 2**24)
+    key = _mix32(seed.to(device=device, dtype=torch.int64) & _MASK32)
+    x = _mix32((torch.arange(numel, dtype=torch.int64, device=device) + key) & _MASK32)
+    return (x >> 8).to(torch.float32) * (1.0 / 2**24)
 
 
 SMALL_TABLE = 16  # tables up to this size are searched by comparing against every entry
