@@ -11,23 +11,7 @@ from tqdm import tqdm
 
 import slimtrain as st
 from slimtrain.train.data import byte_tokens, python_docs_text, random_windows, split_tokens
-
-
-class ByteMLP(nn.Module):
-    """A small byte-level language model: the previous ``context`` bytes -> next-byte logits."""
-
-    def __init__(self, context: int = 16, width: int = 512) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(256, 32)
-        self.body = nn.Sequential(
-            nn.Linear(32 * context, width), nn.GELU(), nn.Linear(width, width), nn.GELU()
-        )
-        self.head = nn.Linear(width, 256)
-        self.context = context
-
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        """``idx`` (batch, context) int64 -> logits (batch, 256)."""
-        return self.head(self.body(self.embed(idx).flatten(1)))
+from slimtrain.train.models import ByteMLP
 
 
 def _demo_run(make_optimizer, tokens, val_tokens, steps: int, seed: int, label: str):

@@ -27,6 +27,11 @@ class AdamW(LowBitOptimizer):
         min_quantized_numel: tensors with fewer elements keep float32 states.
         beta1_policy: "scaled" lowers beta1 for low-bit m so that its quantization noise matches
             that of ``betas[0]`` at ``beta1_reference_bits`` bits (SOLO); "fixed" keeps betas[0].
+        weight_update: how parameters stored below float32 (quantized weights, bf16/fp16) are
+            updated: "master" (a float32 copy in the optimizer state), "naive" (update, round,
+            drop the error) or "eco" (round and feed the error back into m; no master copy).
+        rounding: "nearest" or "stochastic" rounding of those parameters.
+        eco_decay_correction: multiply ECO's injection by (1 - lr * weight_decay).
         compile: run steps with quantized states through ``torch.compile`` (one fused pass per
             chunk of 2^20 elements; compiled once per state format and shape family), else eagerly.
         seed: seed of the stochastic-rounding generator (saved in ``state_dict``); default
@@ -44,6 +49,7 @@ class AdamW(LowBitOptimizer):
         state_rounding: tuple[str, str] = ("nearest", "stochastic"),
         block_size: int = 128, quantile: float = 0.1, min_quantized_numel: int = 4096,
         beta1_policy: str = "scaled", beta1_reference_bits: int = 5,
+        weight_update: str = "eco", rounding: str = "nearest", eco_decay_correction: bool = True,
         maximize: bool = False, compile: bool = True, seed: int | None = None,
     ) -> None:
         defaults = dict(
@@ -52,6 +58,7 @@ class AdamW(LowBitOptimizer):
             block_size=block_size,
             quantile=quantile, min_quantized_numel=min_quantized_numel,
             beta1_policy=beta1_policy, beta1_reference_bits=beta1_reference_bits, compile=compile,
+            weight_update=weight_update, rounding=rounding, eco_decay_correction=eco_decay_correction,
         )
         super().__init__(params, defaults, seed)
 
@@ -70,6 +77,8 @@ class AdamW(LowBitOptimizer):
         check_choice("state_maps[1] (map of v)", maps[1], UNSIGNED_MAPS)
         check_choice("beta1_policy", group["beta1_policy"], BETA1_POLICIES)
         check_choice("beta1_reference_bits", group["beta1_reference_bits"], range(2, 9))
+        if group["weight_update"] == "eco" and betas[0] == 0:
+            raise ValueError("weight_update='eco' needs betas[0] > 0: the error is fed back into m")
         group.update(
             betas=tuple(betas), state_maps=tuple(maps),
             state_bits=as_pair("state_bits", group["state_bits"], STATE_BITS),
@@ -85,15 +94,33 @@ class AdamW(LowBitOptimizer):
         return scaled_beta(beta1, m_format.bits, group["beta1_reference_bits"], m_format.kind)
 
     @staticmethod
-    def update_rule(param, grad, states, scalars, first) -> None:  # noqa: ANN001
-        adamw_update_(param, grad, states["exp_avg"], states["exp_avg_sq"], **scalars)
+    def _update_rule(param, grad, states, scalars, first) -> None:  # noqa: ANN001
+        adamw_update_(
+            param, grad, states["exp_avg"], states["exp_avg_sq"], decay=scalars["decay"],
+            beta1=scalars["beta1"], beta2=scalars["beta2"], eps=scalars["eps"],
+            step_size=scalars["step_size"], bias_correction2_sqrt=scalars["bias_correction2_sqrt"],
+        )
+
+    @staticmethod
+    def _inject_rule(states, error, scalars) -> None:  # noqa: ANN001
+        """ECO for Adam: m += ((1 - beta1^t) / lr) (1 - 1/beta1) d * e, d this step's denominator
+        (v is not modified); ``scalars["eco_scale"]`` holds the scalar factor."""
+        denom = (states["exp_avg_sq"].sqrt() / scalars["bias_correction2_sqrt"]).add_(scalars["eps"])
+        states["exp_avg"].add_(scalars["eco_scale"] * denom * error)
+
+    rules = (_update_rule, _inject_rule)
 
     def _scalars(
         self, group: dict[str, Any], formats: dict[str, StateFormat], step: float
     ) -> dict[str, Any]:
+        lr, decay = group["lr"], 1 - group["lr"] * group["weight_decay"]
         beta1, beta2 = self.effective_beta1(group, formats["exp_avg"]), group["betas"][1]
-        step_size, bias_correction2_sqrt = adam_step_scalars(group["lr"], beta1, beta2, step)
+        step_size, bias_correction2_sqrt = adam_step_scalars(lr, beta1, beta2, step)
+        eco_scale = 0.0
+        if group["weight_update"] == "eco" and lr > 0:
+            eco_scale = (1 - beta1**step) / lr * (1 - 1 / beta1)
+            eco_scale *= decay if group["eco_decay_correction"] else 1.0
         return dict(
-            decay=1 - group["lr"] * group["weight_decay"], beta1=beta1, beta2=beta2,
-            eps=group["eps"], step_size=step_size, bias_correction2_sqrt=bias_correction2_sqrt,
+            decay=decay, beta1=beta1, beta2=beta2, eps=group["eps"], step_size=step_size,
+            bias_correction2_sqrt=bias_correction2_sqrt, eco_scale=eco_scale,
         )

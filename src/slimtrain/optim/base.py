@@ -19,7 +19,10 @@ from slimtrain.optim.state import (
     read_state,
     write_state,
 )
-from slimtrain.quant import draw_seed
+from slimtrain.quant import ROUNDING_MODES, draw_seed
+from slimtrain.weights.tensor import QuantizedWeight, is_low_precision, read_weight, store_weight_
+
+WEIGHT_UPDATES = ("master", "naive", "eco")
 
 # Group options that decide how state is stored: a state_dict must agree on them to load.
 LAYOUT_OPTIONS = ("state_bits", "block_size", "quantile", "min_quantized_numel", "state_maps")
@@ -74,6 +77,8 @@ class LowBitOptimizer(torch.optim.Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group (as torch does) after checking and normalizing its options."""
+        params = param_group["params"]
+        param_group["params"] = [params] if torch.is_tensor(params) else list(params)
         group = {**self.defaults, **param_group}
         self._check_group(group)
         param_group.update({k: v for k, v in group.items() if k != "params"})
@@ -87,6 +92,14 @@ class LowBitOptimizer(torch.optim.Optimizer):
         if not isinstance(size, int) or size < 8 or size % 8:
             raise ValueError(f"block_size must be a positive multiple of 8, got {size!r}")
         check_choice("compile", group["compile"], (True, False))
+        check_choice("weight_update", group["weight_update"], WEIGHT_UPDATES)
+        check_choice("rounding", group["rounding"], ROUNDING_MODES)
+        check_choice("eco_decay_correction", group["eco_decay_correction"], (True, False))
+        params = group["params"]
+        params = [params] if torch.is_tensor(params) else list(params)
+        if group["rounding"] == "stochastic" and any(p.dtype == torch.float16 for p in params):
+            raise ValueError("rounding='stochastic' is not supported for float16 parameters: "
+                             "use rounding='nearest' or bfloat16")
         check_number("quantile", group["quantile"], 0.0, 1.0, high_open=True)
         check_number("min_quantized_numel", group["min_quantized_numel"], 0)
 
@@ -98,10 +111,14 @@ class LowBitOptimizer(torch.optim.Optimizer):
 
     def state_formats(self, group: dict[str, Any], param: torch.Tensor) -> dict[str, StateFormat]:
         """The storage format of each state that ``param`` in ``group`` keeps, by state name."""
+        master = (
+            {"master": StateFormat(bits=32, signed=True)}
+            if is_low_precision(param) and group["weight_update"] == "master" else {}
+        )
         if not self.has_states(group):
-            return {}
+            return master
         small = param.numel() < group["min_quantized_numel"]
-        return {
+        return master | {
             name: StateFormat(
                 bits=32 if small else bits, signed=signed, kind=kind,
                 block_size=group["block_size"], quantile=group["quantile"],
@@ -117,10 +134,12 @@ class LowBitOptimizer(torch.optim.Optimizer):
         state["step"] = torch.tensor(0.0)
         for name, fmt in formats.items():
             init_state(state, name, fmt, param)
+        if "master" in formats:
+            state["master"].copy_(read_weight(param).view_as(state["master"]))
 
-    def _seed(self, fmt: StateFormat) -> int | None:
-        """A fresh stochastic-rounding seed when ``fmt`` needs one (drawn in a fixed order)."""
-        return draw_seed(self._generator) if fmt.quantized and fmt.stochastic else None
+    def _seed(self, stochastic: bool) -> int | None:
+        """A fresh stochastic-rounding seed when needed (drawn in a fixed order)."""
+        return draw_seed(self._generator) if stochastic else None
 
     # ------------------------------------------------------------------------------- step
     @staticmethod
@@ -149,23 +168,35 @@ class LowBitOptimizer(torch.optim.Optimizer):
         return loss
 
     def _update(self, group: dict[str, Any], param: torch.Tensor, state: dict) -> None:
-        """Advance ``param`` and its states, chunk by chunk (decode, update rule, encode)."""
+        """Advance ``param`` and its states, chunk by chunk (decode, update rule, encode).
+
+        Quantized weights are processed whole (their scales span rows); parameters stored below
+        float32 get ``group["weight_update"]``: "master", "naive" or "eco".
+        """
         formats = self.state_formats(group, param)
         first = not state
         if first:
             self._init_states(state, formats, param)
         state["step"] += 1
         scalars = self._scalars(group, formats, state["step"].item())
-        seeds = {name: self._seed(fmt) for name, fmt in formats.items()}
-        compiled = group["compile"] and any(f.quantized for f in formats.values())
+        seeds = {name: self._seed(fmt.quantized and fmt.stochastic) for name, fmt in formats.items()}
+        low_precision = is_low_precision(param)
+        weight_seed = self._seed(low_precision and group["rounding"] == "stochastic")
+        options = (group["maximize"], group["weight_update"] if low_precision else None)
+        compiled = (group["compile"] and not low_precision
+                    and any(f.quantized for f in formats.values()))
         if compiled:  # tensors, so that a compiled step does not specialize on their values
             scalars = {k: torch.tensor(v, dtype=torch.float32, device=param.device)
                        for k, v in scalars.items()}
-        target = param if param.is_contiguous() else param.contiguous()
-        flat, grad = target.view(-1), param.grad.reshape(-1)
-        chunk = chunk_numel(group["block_size"])
-        for index, start in enumerate(range(0, flat.numel(), chunk)):
-            stop = min(start + chunk, flat.numel())
+        grad = param.grad.reshape(-1)
+        if isinstance(param, QuantizedWeight):
+            chunks, target = [(param, 0, param.numel())], param
+        else:
+            target = param if param.is_contiguous() else param.contiguous()
+            flat, size = target.view(-1), chunk_numel(group["block_size"])
+            chunks = [(flat[i:i + size], i, min(i + size, flat.numel()))
+                      for i in range(0, flat.numel(), size)]
+        for index, (part, start, stop) in enumerate(chunks):
             views: dict[str, torch.Tensor] = {}
             for name, fmt in formats.items():
                 views.update(chunk_views(state, name, fmt, start, stop))
@@ -174,17 +205,18 @@ class LowBitOptimizer(torch.optim.Optimizer):
                 for name, seed in seeds.items()
             }
             step_chunk = compiled_step_chunk if compiled else step_chunk_
-            step_chunk(self.update_rule, formats, group["maximize"], first, flat[start:stop],
-                       grad[start:stop], views, scalars, chunk_seeds)
+            step_chunk(self.rules, formats, options, first, part, grad[start:stop], views, scalars,
+                       chunk_seeds, None if weight_seed is None else weight_seed + index)
         if target is not param:
             param.copy_(target)
 
-    update_rule: Any = None  # (param, grad, states, scalars, first) -> None, set by subclasses
+    # (update(param, grad, states, scalars, first), inject(states, error, scalars)), set by subclasses
+    rules: tuple[Any, Any] = (None, None)
 
     def _scalars(
         self, group: dict[str, Any], formats: dict[str, StateFormat], step: float
     ) -> dict[str, Any]:
-        """The scalar arguments of ``update_rule`` for this step (floats or bools)."""
+        """The scalar arguments of the rules for this step (floats or bools)."""
         raise NotImplementedError
 
     # ------------------------------------------------------------------------- state_dict
@@ -255,22 +287,35 @@ class LowBitOptimizer(torch.optim.Optimizer):
 
 
 def step_chunk_(
-    update_rule: Any, formats: dict[str, StateFormat], maximize: bool, first: bool,
-    param: torch.Tensor, grad: torch.Tensor, views: dict[str, torch.Tensor],
-    scalars: dict[str, Any], seeds: dict[str, torch.Tensor | None],
+    rules: tuple[Any, Any], formats: dict[str, StateFormat], options: tuple[bool, str | None],
+    first: bool, param: torch.Tensor, grad: torch.Tensor, views: dict[str, torch.Tensor],
+    scalars: dict[str, Any], seeds: dict[str, torch.Tensor | None], weight_seed: int | None,
 ) -> None:
-    """One chunk of a step: decode states to float32, apply ``update_rule``, encode states back,
-    write the parameter. ``param``/``grad`` are flat chunks; ``views`` the chunk's state tensors."""
-    work = param if param.dtype == torch.float32 else param.float()
+    """One chunk of a step: decode the states to float32, apply the update rule, store the
+    weight, encode the states. ``param`` is a flat chunk (or a whole QuantizedWeight), ``grad``
+    the matching flat gradient, ``views`` the chunk's state tensors; ``options`` is (maximize,
+    weight update of a low-precision parameter or None).
+
+    Weight updates: "master" updates the float32 copy in ``views["master"]`` and stores it
+    rounded; "naive" updates the decoded weight and stores it rounded, dropping the error;
+    "eco" does the same and feeds the error e = updated - stored into the momentum (ECO).
+    """
+    update, inject = rules
+    maximize, weight_update = options
     grad = grad.float()
     if maximize:
         grad = -grad
-    values = {name: read_state(views, name, fmt, work) for name, fmt in formats.items()}
-    update_rule(work, grad, values, scalars, first)
+    values = {name: read_state(views, name, fmt, grad) for name, fmt in formats.items()}
+    work = values["master"] if weight_update == "master" else read_weight(param)
+    update(work, grad, values, scalars, first)
+    if weight_update is not None:
+        stored = store_weight_(param, work, weight_seed)
+        if weight_update == "eco":
+            inject(values, work - stored, scalars)
+    elif work is not param:
+        param.copy_(work)
     for name, fmt in formats.items():
         write_state(views, name, fmt, values[name], seeds[name])
-    if work is not param:
-        param.copy_(work)
 
 
 _compiled_step_chunk = None

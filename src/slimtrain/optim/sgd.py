@@ -8,6 +8,7 @@ from slimtrain.optim.base import LowBitOptimizer, check_choice, check_number
 from slimtrain.optim.functional import sgd_update_
 from slimtrain.optim.state import SIGNED_MAPS, STATE_BITS, StateFormat
 from slimtrain.quant import ROUNDING_MODES
+from slimtrain.weights.tensor import is_low_precision
 
 
 class SGD(LowBitOptimizer):
@@ -19,6 +20,9 @@ class SGD(LowBitOptimizer):
         state_bits: bits of the momentum buffer: 32, 16, 8, 4, 3 or 2.
         state_maps: level map below 16 bits: "dynamic" or "linear".
         state_rounding: "nearest" or "stochastic".
+        weight_update, rounding: for parameters stored below float32, as in
+            :class:`slimtrain.AdamW`; "eco" needs momentum > 0 and no Nesterov. Default: "eco"
+            with momentum, "naive" without.
         block_size, min_quantized_numel, seed: as in :class:`slimtrain.AdamW`.
     """
 
@@ -29,13 +33,16 @@ class SGD(LowBitOptimizer):
         self, params: Any, lr: float = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
         weight_decay: float = 0.0, nesterov: bool = False, *, state_bits: int = 32,
         state_maps: str = "dynamic", state_rounding: str = "nearest", block_size: int = 128,
-        min_quantized_numel: int = 4096, maximize: bool = False, seed: int | None = None,
+        min_quantized_numel: int = 4096, weight_update: str | None = None, rounding: str = "nearest",
+        maximize: bool = False, seed: int | None = None,
     ) -> None:
         defaults = dict(
             lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
             nesterov=nesterov, maximize=maximize, state_bits=state_bits,
             state_maps=state_maps, state_rounding=state_rounding, block_size=block_size,
             quantile=0.1, min_quantized_numel=min_quantized_numel, compile=False,
+            weight_update=weight_update or ("eco" if momentum > 0 else "naive"), rounding=rounding,
+            eco_decay_correction=False,
         )
         super().__init__(params, defaults, seed)
 
@@ -45,6 +52,13 @@ class SGD(LowBitOptimizer):
         check_number("dampening", group["dampening"], 0.0, 1.0)
         if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
             raise ValueError("nesterov=True requires momentum > 0 and dampening = 0")
+        if group["weight_update"] == "eco" and any(p_low for p_low in map(is_low_precision, group["params"])):
+            if group["nesterov"]:
+                raise ValueError("weight_update='eco' does not support nesterov=True (no derived rule); "
+                                 "use nesterov=False or weight_update='master'")
+            if group["momentum"] <= 0:
+                raise ValueError("weight_update='eco' needs momentum > 0: the error is fed back into "
+                                 "the momentum buffer")
         for key, accepted in (("state_bits", STATE_BITS), ("state_maps", SIGNED_MAPS),
                               ("state_rounding", ROUNDING_MODES)):
             value = group[key]
@@ -56,11 +70,22 @@ class SGD(LowBitOptimizer):
         return group["momentum"] != 0
 
     @staticmethod
-    def update_rule(param, grad, states, scalars, first) -> None:  # noqa: ANN001
-        sgd_update_(param, grad, states.get("momentum_buffer"), first=first, **scalars)
+    def _update_rule(param, grad, states, scalars, first) -> None:  # noqa: ANN001
+        sgd_update_(param, grad, states.get("momentum_buffer"), first=first, lr=scalars["lr"],
+                    momentum=scalars["momentum"], dampening=scalars["dampening"],
+                    weight_decay=scalars["weight_decay"], nesterov=scalars["nesterov"])
+
+    @staticmethod
+    def _inject_rule(states, error, scalars) -> None:  # noqa: ANN001
+        """ECO for SGD with momentum: buf += (1 / lr) (1 - 1 / momentum) e."""
+        states["momentum_buffer"].add_(error, alpha=scalars["eco_scale"])
+
+    rules = (_update_rule, _inject_rule)
 
     def _scalars(
         self, group: dict[str, Any], formats: dict[str, StateFormat], step: float
     ) -> dict[str, Any]:
         keys = ("lr", "momentum", "dampening", "weight_decay", "nesterov")
-        return {key: group[key] for key in keys}
+        eco = group["weight_update"] == "eco" and group["lr"] > 0 and group["momentum"] > 0
+        eco_scale = (1 - 1 / group["momentum"]) / group["lr"] if eco else 0.0
+        return {key: group[key] for key in keys} | {"eco_scale": eco_scale}
