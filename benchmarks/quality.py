@@ -13,12 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 
-import torch
-from torch import nn
-
-import slimtrain as st
-from slimtrain.train.data import byte_tokens, python_docs_text, random_windows, split_tokens
-from slimtrain.train.models import ByteMLP
+from bytemlp import train_bytemlp
 
 PLAIN = dict(state_maps=("dynamic", "dynamic"), state_rounding="nearest", beta1_policy="fixed")
 SETTINGS = {
@@ -38,36 +33,18 @@ SETTINGS = {
 }
 
 
-def run(settings: dict, steps: int, seed: int, tokens, val_tokens) -> tuple[float, float]:
-    torch.manual_seed(seed)
-    model = ByteMLP()
-    opt = st.AdamW(model.parameters(), lr=2e-3, betas=(0.9, 0.999), weight_decay=0.0, seed=seed,
-                   **settings)
-    rng = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
-        x, y = random_windows(tokens, 64, model.context, rng)
-        loss = nn.functional.cross_entropy(model(x), y[:, -1])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    with torch.no_grad():
-        x, y = random_windows(val_tokens, 2048, model.context, torch.Generator().manual_seed(1))
-        val = nn.functional.cross_entropy(model(x), y[:, -1]).item()
-    return val, st.memory_report(model, opt).per_parameter("optimizer_state")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json")
     args = parser.parse_args()
-    tokens, val_tokens = split_tokens(byte_tokens(python_docs_text()))
     print(f"ByteMLP on CPython docs, {args.steps} steps, batch 64, lr 2e-3, seed {args.seed}")
     print(f"{'setting':<28}{'val loss':>10}{'vs fp32':>10}{'state B/param':>15}")
     rows, reference = [], None
     for name, settings in SETTINGS.items():
-        val, per_param = run(settings, args.steps, args.seed, tokens, val_tokens)
+        val, report = train_bytemlp(settings, args.steps, args.seed)
+        per_param = report.per_parameter("optimizer_state")
         reference = reference if reference is not None else val
         gap = (val / reference - 1) * 100
         print(f"{name:<28}{val:>10.4f}{gap:>+9.2f}%{per_param:>15.3f}", flush=True)

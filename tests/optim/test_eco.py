@@ -67,7 +67,7 @@ def test_sgd_eco_is_the_one_term_approximation():
         torch.testing.assert_close(param.dequantize().view(-1), stored, rtol=0, atol=1e-6)
 
 
-def simulate_quadratic(kind: str, lr: float, beta: float = 0.9, L: float = 1.0, sigma: float = 0.1,
+def simulate_quadratic(kind: str, lr: float, beta: float = 0.9, curvature: float = 1.0, sigma: float = 0.1,
                        chains: int = 20000, burn: int = 2000, steps: int = 2000) -> float:
     """E[x_hat^2] under the spec's additive-noise model of quantization (noise variance sigma^2)."""
     g = torch.Generator().manual_seed(0)
@@ -78,11 +78,11 @@ def simulate_quadratic(kind: str, lr: float, beta: float = 0.9, L: float = 1.0, 
         eps = torch.randn(chains, generator=g, dtype=torch.float64) * sigma
         if kind == "master":
             x_hat = x + eps
-            m = beta * m + (1 - beta) * L * x_hat
+            m = beta * m + (1 - beta) * curvature * x_hat
             x = x - lr * m
         else:
             x_hat = x
-            m = beta * m + (1 - beta) * L * x_hat
+            m = beta * m + (1 - beta) * curvature * x_hat
             new_eps = torch.randn(chains, generator=g, dtype=torch.float64) * sigma
             x = x - lr * m + new_eps  # stored = updated + quantization noise
             if kind == "eco":
@@ -94,11 +94,11 @@ def simulate_quadratic(kind: str, lr: float, beta: float = 0.9, L: float = 1.0, 
 
 @pytest.mark.parametrize("lr", [0.02, 0.1, 0.5])
 def test_quadratic_closed_forms(lr):
-    beta, L, s2 = 0.9, 1.0, 0.01
-    master = L * lr * s2 * (1 + beta) / (2 * (1 + beta) - L * lr * (1 - beta)) + s2
-    naive = s2 * ((1 - beta**2) + 2 * beta * L * lr) / (
-        L * lr * (2 * (1 - beta**2) - L * lr * (1 - beta) ** 2))
-    eco = 2 * s2 / (2 * (1 - beta**2) - L * lr * (1 - beta) ** 2)
+    beta, c, s2 = 0.9, 1.0, 0.01  # momentum, curvature L, noise variance
+    master = c * lr * s2 * (1 + beta) / (2 * (1 + beta) - c * lr * (1 - beta)) + s2
+    naive = s2 * ((1 - beta**2) + 2 * beta * c * lr) / (
+        c * lr * (2 * (1 - beta**2) - c * lr * (1 - beta) ** 2))
+    eco = 2 * s2 / (2 * (1 - beta**2) - c * lr * (1 - beta) ** 2)
     assert simulate_quadratic("master", lr) == pytest.approx(master, rel=0.05)
     assert simulate_quadratic("naive", lr) == pytest.approx(naive, rel=0.05)
     assert simulate_quadratic("eco", lr) == pytest.approx(eco, rel=0.05)

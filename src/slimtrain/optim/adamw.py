@@ -4,12 +4,33 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from slimtrain.optim.base import LowBitOptimizer, as_pair, check_choice, check_number
 from slimtrain.optim.functional import adam_step_scalars, adamw_update_
 from slimtrain.optim.state import SIGNED_MAPS, STATE_BITS, UNSIGNED_MAPS, StateFormat, scaled_beta
 from slimtrain.quant import ROUNDING_MODES
 
 BETA1_POLICIES = ("scaled", "fixed")
+
+
+
+def adamw_rule(
+    param: torch.Tensor, grad: torch.Tensor, states: dict, scalars: dict, first: bool
+) -> None:
+    """The update rule on float32 chunks (see :func:`slimtrain.optim.base.step_chunk_`)."""
+    adamw_update_(
+        param, grad, states["exp_avg"], states["exp_avg_sq"], decay=scalars["decay"],
+        beta1=scalars["beta1"], beta2=scalars["beta2"], eps=scalars["eps"],
+        step_size=scalars["step_size"], bias_correction2_sqrt=scalars["bias_correction2_sqrt"],
+    )
+
+
+def adamw_eco_injection(states: dict, error: torch.Tensor, scalars: dict) -> None:
+    """ECO for Adam: m += ((1 - beta1^t) / lr) (1 - 1/beta1) d * e, d this step's denominator
+    (v is not modified); ``scalars["eco_scale"]`` holds the scalar factor."""
+    denom = (states["exp_avg_sq"].sqrt() / scalars["bias_correction2_sqrt"]).add_(scalars["eps"])
+    states["exp_avg"].add_(scalars["eco_scale"] * denom * error)
 
 
 class AdamW(LowBitOptimizer):
@@ -93,22 +114,7 @@ class AdamW(LowBitOptimizer):
             return beta1
         return scaled_beta(beta1, m_format.bits, group["beta1_reference_bits"], m_format.kind)
 
-    @staticmethod
-    def _update_rule(param, grad, states, scalars, first) -> None:  # noqa: ANN001
-        adamw_update_(
-            param, grad, states["exp_avg"], states["exp_avg_sq"], decay=scalars["decay"],
-            beta1=scalars["beta1"], beta2=scalars["beta2"], eps=scalars["eps"],
-            step_size=scalars["step_size"], bias_correction2_sqrt=scalars["bias_correction2_sqrt"],
-        )
-
-    @staticmethod
-    def _inject_rule(states, error, scalars) -> None:  # noqa: ANN001
-        """ECO for Adam: m += ((1 - beta1^t) / lr) (1 - 1/beta1) d * e, d this step's denominator
-        (v is not modified); ``scalars["eco_scale"]`` holds the scalar factor."""
-        denom = (states["exp_avg_sq"].sqrt() / scalars["bias_correction2_sqrt"]).add_(scalars["eps"])
-        states["exp_avg"].add_(scalars["eco_scale"] * denom * error)
-
-    rules = (_update_rule, _inject_rule)
+    rules = (adamw_rule, adamw_eco_injection)
 
     def _scalars(
         self, group: dict[str, Any], formats: dict[str, StateFormat], step: float

@@ -61,8 +61,9 @@ def memory_report(
 ) -> MemoryReport:
     """Measure the bytes of parameters and optimizer state from their storage.
 
-    ``num_parameters`` counts parameter elements. Categories: "parameters" and, when an
-    optimizer is given, "optimizer_state" (every tensor in ``optimizer.state``).
+    ``num_parameters`` counts parameter elements. Categories: "parameters" (quantized weights
+    count their codes and scales) and, when an optimizer is given, "master_weights" (float32
+    copies kept by ``weight_update="master"``) and "optimizer_state" (every other state tensor).
     """
     params = (
         list(model_or_params.parameters())
@@ -72,8 +73,7 @@ def memory_report(
     report = MemoryReport(num_parameters=sum(p.numel() for p in params))
     report.categories["parameters"] = tensor_bytes(params, seen)
     if optimizer is not None:
-        state_tensors = [
-            v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)
-        ]
-        report.categories["optimizer_state"] = tensor_bytes(state_tensors, seen)
+        states = [(k, v) for s in optimizer.state.values() for k, v in s.items() if torch.is_tensor(v)]
+        report.categories["master_weights"] = tensor_bytes((v for k, v in states if k == "master"), seen)
+        report.categories["optimizer_state"] = tensor_bytes((v for k, v in states if k != "master"), seen)
     return report

@@ -4,11 +4,27 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from slimtrain.optim.base import LowBitOptimizer, check_choice, check_number
 from slimtrain.optim.functional import sgd_update_
 from slimtrain.optim.state import SIGNED_MAPS, STATE_BITS, StateFormat
 from slimtrain.quant import ROUNDING_MODES
 from slimtrain.weights.tensor import is_low_precision
+
+
+def sgd_rule(
+    param: torch.Tensor, grad: torch.Tensor, states: dict, scalars: dict, first: bool
+) -> None:
+    """The update rule on float32 chunks (see :func:`slimtrain.optim.base.step_chunk_`)."""
+    sgd_update_(param, grad, states.get("momentum_buffer"), first=first, lr=scalars["lr"],
+                momentum=scalars["momentum"], dampening=scalars["dampening"],
+                weight_decay=scalars["weight_decay"], nesterov=scalars["nesterov"])
+
+
+def sgd_eco_injection(states: dict, error: torch.Tensor, scalars: dict) -> None:
+    """ECO for SGD with momentum: buf += (1 / lr) (1 - 1 / momentum) e."""
+    states["momentum_buffer"].add_(error, alpha=scalars["eco_scale"])
 
 
 class SGD(LowBitOptimizer):
@@ -69,18 +85,7 @@ class SGD(LowBitOptimizer):
     def has_states(self, group: dict[str, Any]) -> bool:
         return group["momentum"] != 0
 
-    @staticmethod
-    def _update_rule(param, grad, states, scalars, first) -> None:  # noqa: ANN001
-        sgd_update_(param, grad, states.get("momentum_buffer"), first=first, lr=scalars["lr"],
-                    momentum=scalars["momentum"], dampening=scalars["dampening"],
-                    weight_decay=scalars["weight_decay"], nesterov=scalars["nesterov"])
-
-    @staticmethod
-    def _inject_rule(states, error, scalars) -> None:  # noqa: ANN001
-        """ECO for SGD with momentum: buf += (1 / lr) (1 - 1 / momentum) e."""
-        states["momentum_buffer"].add_(error, alpha=scalars["eco_scale"])
-
-    rules = (_update_rule, _inject_rule)
+    rules = (sgd_rule, sgd_eco_injection)
 
     def _scalars(
         self, group: dict[str, Any], formats: dict[str, StateFormat], step: float

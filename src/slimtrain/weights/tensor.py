@@ -135,10 +135,12 @@ def is_low_precision(param: torch.Tensor) -> bool:
 
 
 def read_weight(param: torch.Tensor) -> torch.Tensor:
-    """``param`` as a flat float32 tensor: a view for float32 parameters, else a decoded copy."""
+    """``param`` as a flat float32 tensor: itself (or a view) for float32, else a decoded copy."""
     if isinstance(param, QuantizedWeight):
         return param.dequantize().view(-1)
-    return param.view(-1) if param.dtype == torch.float32 else param.float().view(-1)
+    if param.dtype == torch.float32:
+        return param if param.dim() == 1 else param.view(-1)
+    return param.float().view(-1)
 
 
 def store_weight_(param: torch.Tensor, value: torch.Tensor, seed: int | None = None) -> torch.Tensor:
