@@ -194,3 +194,28 @@ def test_master_keeps_a_float32_copy_eco_keeps_none():
 def test_bad_weight_update_settings(make, match):
     with pytest.raises(ValueError, match=match):
         make(fp8_model().parameters())
+
+
+def test_injection_below_a_level_of_low_bit_m_is_lost_with_rtn_kept_with_sr():
+    """The spec's open point: ECO's injection into a 4-bit m is rounded away by nearest rounding;
+    stochastic rounding of m keeps it in expectation (shown on the symmetric linear map: the
+    asymmetric dynamic-exponent map clamps a block's most negative element to -0.8875 of the
+    scale on every write, which biases any re-encoding)."""
+    from slimtrain.optim.state import StateFormat, init_state, read_state, write_state
+
+    torch.manual_seed(0)
+    m = torch.randn(128 * 400)
+    injection = torch.full_like(m, 0.01)  # well below half a 4-bit level of a unit-scale block
+
+    def retained(stochastic: bool) -> float:
+        fmt = StateFormat(bits=4, signed=True, kind="linear", stochastic=stochastic)
+        state: dict = {}
+        init_state(state, "m", fmt, m)
+        write_state(state, "m", fmt, m, seed=1)
+        before = read_state(state, "m", fmt, m).clone()
+        write_state(state, "m", fmt, before + injection, seed=2)
+        after = read_state(state, "m", fmt, m)
+        return ((after - before) @ injection / (injection @ injection)).item()
+
+    assert retained(False) < 0.3
+    assert retained(True) == pytest.approx(1.0, abs=0.1)
