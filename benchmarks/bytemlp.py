@@ -6,6 +6,9 @@ validation loss (2048 held-out windows) and the measured memory report.
 
 from __future__ import annotations
 
+import argparse
+import json
+
 import torch
 from torch import nn
 
@@ -42,3 +45,30 @@ def train_bytemlp(optimizer: dict, steps: int, seed: int = 0, weights: dict | No
         x, y = random_windows(VAL_TOKENS, 2048, model.context, torch.Generator().manual_seed(1))
         val = nn.functional.cross_entropy(model(x).float(), y[:, -1]).item()
     return val, st.memory_report(model, opt)
+
+
+def run_table(description: str, settings: dict[str, tuple[dict, dict | None]],
+              bytes_category: str | None) -> None:
+    """Command line of a results table: train every setting (name -> (optimizer kwargs, weight
+    setup)), print validation loss, its gap to the first row, and measured bytes per parameter
+    (of ``bytes_category``, or of everything when None); ``--json`` saves the rows."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    label = "B/param" if bytes_category is None else f"{bytes_category} B/param"
+    print(f"ByteMLP on CPython docs, {args.steps} steps, batch 64, lr 2e-3, seed {args.seed}")
+    print(f"{'setting':<34}{'val loss':>10}{'vs first':>10}{label:>26}")
+    rows, reference = [], None
+    for name, (optimizer, weights) in settings.items():
+        val, report = train_bytemlp(optimizer, args.steps, args.seed, weights)
+        reference = reference if reference is not None else val
+        gap = (val / reference - 1) * 100
+        per_param = report.per_parameter(bytes_category)
+        print(f"{name:<34}{val:>10.4f}{gap:>+9.2f}%{per_param:>26.3f}", flush=True)
+        rows.append(dict(setting=name, val_loss=val, gap_percent=gap, bytes_per_param=per_param,
+                         categories=report.categories))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(steps=args.steps, seed=args.seed, rows=rows), f, indent=1)
