@@ -92,15 +92,19 @@ def block_quantile(blocks: torch.Tensor, numel: int, quantile: float) -> torch.T
     rank = (torch.ceil(quantile * valid).clamp(min=1) + (blocks.shape[1] - valid)).float()
     log_x = torch.log2(blocks)  # -inf for zeros
     high = log_x.amax(dim=1)
-    low = torch.where(blocks > 0, log_x, torch.inf).amin(dim=1)
-    low = torch.where(torch.isfinite(low), low, high)
+    smallest_positive = torch.where(blocks > 0, blocks, torch.inf).amin(dim=1)
+    low = torch.where(torch.isfinite(smallest_positive), torch.log2(smallest_positive), high)
     for _ in range(QUANTILE_BISECTION_STEPS):
         mid = (low + high) / 2
         enough = (log_x <= mid[:, None]).float().sum(dim=1) >= rank
         high = torch.where(enough, mid, high)
         low = torch.where(enough, low, mid)
     # snap to the largest element not above 2^high: a real element of the block, >= the quantile
-    return torch.where(log_x <= high[:, None], blocks, 0.0).amax(dim=1)
+    snapped = torch.where(log_x <= high[:, None], blocks, 0.0).amax(dim=1)
+    # a zero quantile is exact whatever the log range: the smallest positive element (0 if none)
+    zero_quantile = (blocks == 0).float().sum(dim=1) >= rank
+    exact_zero = torch.where(torch.isfinite(smallest_positive), smallest_positive, 0.0)
+    return torch.where(zero_quantile, exact_zero, snapped)
 
 
 def quantize_log(
