@@ -1,67 +1,164 @@
-"""Command line: ``slimtrain demo``."""
+"""Command line: ``slimtrain train | compare | plan | recipes``.
+
+Bad input ends with one ``slimtrain: error: ...`` line on stderr and exit status 2, never a
+traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import math
 import sys
-
-import torch
-from torch import nn
-from tqdm import tqdm
+from pathlib import Path
+from typing import Any
 
 import slimtrain as st
-from slimtrain.train.data import byte_tokens, python_docs_text, random_windows, split_tokens
-from slimtrain.train.models import ByteMLP
+from slimtrain.train.compare import DEFAULT_COMPARE_RECIPES, compare
+from slimtrain.train.models import GPT_SIZES
+from slimtrain.train.plan import ARCHITECTURES, formula_check, plan_table, recipes_table
+from slimtrain.train.recipes import RECIPES
+from slimtrain.train.trainer import TrainConfig, format_summary, resume, train
+
+# command-line option -> TrainConfig field, for options that configure a run
+RUN_OPTIONS = ("recipe", "model", "data", "tokenizer", "steps", "batch_size", "seq_len", "lr", "warmup",
+               "weight_decay", "clip", "eval_every", "eval_batches", "checkpoint_every", "seed", "compile")
 
 
-def _demo_run(make_optimizer, tokens, val_tokens, steps: int, seed: int, label: str):
-    torch.manual_seed(seed)
-    model = ByteMLP()
-    optimizer = make_optimizer(model.parameters())
-    data_rng = torch.Generator().manual_seed(seed)
-    context = model.context
-    bar = tqdm(range(steps), desc=label, leave=False, file=sys.stderr, disable=None)
-    for _ in bar:
-        x, y = random_windows(tokens, 64, context, data_rng)
-        loss = nn.functional.cross_entropy(model(x), y[:, -1])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-    with torch.no_grad():
-        x, y = random_windows(val_tokens, 2048, context, torch.Generator().manual_seed(1))
-        val = nn.functional.cross_entropy(model(x), y[:, -1]).item()
-    return val, st.memory_report(model, optimizer)
+def _number(kind: type, low: float, inclusive: bool = True) -> Any:
+    """argparse type: a finite ``kind`` >= low (> low when not ``inclusive``)."""
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a valid {kind.__name__}") from None
+        if not math.isfinite(value) or value < low or (value == low and not inclusive):
+            bound = f">= {low}" if inclusive else f"> {low}"
+            raise argparse.ArgumentTypeError(f"{text!r} must be {bound}")
+        return value
+    return parse
 
 
-def demo(steps: int, seed: int) -> None:
-    """Train the same byte-level model with torch.optim.AdamW and st.AdamW(state_bits=(4, 2))."""
-    tokens, val_tokens = split_tokens(byte_tokens(python_docs_text()))
-    print(f"corpus: CPython reference docs, {tokens.numel():,} training bytes; {steps} steps")
-    runs = {
-        "torch.optim.AdamW": lambda p: torch.optim.AdamW(p, lr=2e-3, weight_decay=0.0),
-        "st.AdamW(state_bits=(4, 2))": lambda p: st.AdamW(
-            p, lr=2e-3, weight_decay=0.0, state_bits=(4, 2)
-        ),
-    }
-    print(f"{'optimizer':<30}{'val loss':>10}{'state bytes':>14}{'bytes/param':>13}")
-    for label, make in runs.items():
-        val, report = _demo_run(make, tokens, val_tokens, steps, seed, label)
-        state = report.categories["optimizer_state"]
-        print(f"{label:<30}{val:>10.4f}{state:>14,}{report.per_parameter('optimizer_state'):>13.3f}")
+def _add_run_options(parser: argparse.ArgumentParser, recipe: bool = True) -> None:
+    """Options of one training run; every default is None so that a resume can tell what changed
+    (TrainConfig holds the real defaults)."""
+    defaults = TrainConfig()
+    if recipe:
+        parser.add_argument("--recipe", choices=list(RECIPES), metavar="NAME",
+                            help=f"weights/updates/states recipe (default {defaults.recipe}; "
+                                 f"see `slimtrain recipes`): {', '.join(RECIPES)}")
+    parser.add_argument("--model", choices=list(GPT_SIZES), metavar="SIZE",
+                        help=f"GPT size: {', '.join(GPT_SIZES)} (default {defaults.model})")
+    parser.add_argument("--data", metavar="PATH",
+                        help=f"text file or directory, or a built-in corpus: shakespeare, python-docs "
+                             f"(default {defaults.data})")
+    parser.add_argument("--tokenizer", metavar="FILE",
+                        help="Hugging Face tokenizers JSON (default: bytes)")
+    parser.add_argument("--steps", type=_number(int, 1), help=f"optimizer steps ({defaults.steps})")
+    parser.add_argument("--batch-size", type=_number(int, 1),
+                        help=f"sequences per step ({defaults.batch_size})")
+    parser.add_argument("--seq-len", type=_number(int, 1),
+                        help="tokens per sequence (default: the model's context)")
+    parser.add_argument("--lr", type=_number(float, 0, False), help=f"peak learning rate ({defaults.lr})")
+    parser.add_argument("--warmup", type=_number(int, 0), help=f"warm-up steps ({defaults.warmup})")
+    parser.add_argument("--weight-decay", type=_number(float, 0), help=f"({defaults.weight_decay})")
+    parser.add_argument("--clip", type=_number(float, 0),
+                        help=f"max gradient norm, 0 = off ({defaults.clip})")
+    parser.add_argument("--eval-every", type=_number(int, 1), help=f"steps between validations "
+                                                                   f"({defaults.eval_every})")
+    parser.add_argument("--eval-batches", type=_number(int, 1), help=f"({defaults.eval_batches})")
+    parser.add_argument("--checkpoint-every", type=_number(int, 1), help=f"({defaults.checkpoint_every})")
+    parser.add_argument("--seed", type=_number(int, 0), help=f"({defaults.seed})")
+    parser.add_argument("--no-compile", dest="compile", action="store_const", const=False,
+                        help="eager optimizer steps (no torch.compile)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _run_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    return {name: getattr(args, name) for name in RUN_OPTIONS if getattr(args, name, None) is not None}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="slimtrain", description=st.__doc__)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = commands.add_parser("train", help="train a GPT on a text corpus with a recipe")
+    _add_run_options(p)
+    p.add_argument("--out", metavar="DIR", help="run directory (default runs/<recipe>-<model>-<time>)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing run directory")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue this run from its checkpoint "
+                                                       "(--steps may extend it)")
+
+    p = commands.add_parser("compare", help="train several recipes on the same data and seed")
+    p.add_argument("--recipes", nargs="+", choices=list(RECIPES), metavar="NAME",
+                   help=f"recipes to run (default: {' '.join(DEFAULT_COMPARE_RECIPES)})")
+    _add_run_options(p, recipe=False)
+    p.add_argument("--out", metavar="DIR", help="output directory (default runs/compare-<time>)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing output directory")
+
+    p = commands.add_parser("plan", help="static memory of each recipe for a named architecture")
+    p.add_argument("--model", required=True, choices=list(ARCHITECTURES), metavar="NAME",
+                   help=f"architecture: {', '.join(ARCHITECTURES)}")
+
+    commands.add_parser("recipes", help="list the recipes and their bytes per parameter")
+    return parser
+
+
+def _train(args: argparse.Namespace) -> int:
+    overrides = _run_overrides(args)
+    progress = not args.quiet
+    if args.resume:
+        unknown = set(overrides) - {"steps", "compile", "eval_every", "checkpoint_every"}
+        if unknown:
+            raise ValueError(f"--resume continues a run with its own settings; only --steps, --eval-every, "
+                             f"--checkpoint-every and --no-compile may be given (got "
+                             f"{', '.join('--' + n.replace('_', '-') for n in sorted(unknown))})")
+        if args.out or args.force:
+            raise ValueError("--resume writes into RUN_DIR itself; drop --out/--force")
+        result = resume(Path(args.resume), overrides, progress=progress)
+    else:
+        config = dataclasses.replace(TrainConfig(), **overrides, out=args.out)
+        result = train(config, force=args.force, progress=progress)
+    print(format_summary(result.summary, result.run_dir))
+    return 130 if result.interrupted else 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    table = compare(args.recipes or list(DEFAULT_COMPARE_RECIPES), _run_overrides(args),
+                    Path(args.out) if args.out else None, args.force, quiet=args.quiet)
+    print(table)
+    return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    print(plan_table(args.model))
+    print()
+    print("formula check against a measured model (GPT tiny, every recipe):")
+    worst = 0.0
+    for name, formula, measured in formula_check(GPT_SIZES["tiny"]):
+        worst = max(worst, abs(formula - measured) / measured)
+        print(f"  {name:<16} formula {formula:>10,} B   measured {measured:>10,} B")
+    print(f"  largest relative difference: {worst:.2%}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="slimtrain", description=st.__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
-    demo_parser = commands.add_parser("demo", help="4/2-bit AdamW beside torch's AdamW")
-    demo_parser.add_argument("--steps", type=int, default=600)
-    demo_parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    if args.steps < 1:
-        parser.error("--steps must be a positive integer")
-    demo(args.steps, args.seed)
-    return 0
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "train":
+            return _train(args)
+        if args.command == "compare":
+            return _compare(args)
+        if args.command == "plan":
+            return _plan(args)
+        print(recipes_table())
+        return 0
+    except (ValueError, OSError, FloatingPointError) as error:
+        print(f"slimtrain: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("slimtrain: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from slimtrain.quant.packing import pack, unpack
+from slimtrain.quant.packing import pack, packed_numel, unpack
 from slimtrain.quant.rounding import round_stochastic, uniform_noise
 
 WEIGHT_FORMATS = ("fp8_e4m3", "fp8_e5m2", "int8", "int4", "bf16")
@@ -107,6 +107,11 @@ def dequantize_weight(
     return values.float() * _expand(scales, shape, granularity, group_size)
 
 
-def stored_bytes_per_element(fmt: str) -> float:
-    """Bytes per weight element of the codes alone (scales excluded)."""
-    return {"int4": 0.5, "bf16": 2.0}.get(fmt, 1.0)
+def weight_storage_bytes(fmt: str, granularity: str, group_size: int, rows: int, cols: int) -> int:
+    """Bytes that :func:`quantize_weight` stores for a (rows, cols) weight: codes plus float32 scales."""
+    numel = rows * cols
+    if fmt == "bf16":
+        return 2 * numel
+    codes = packed_numel(numel, 4) if fmt == "int4" else numel
+    scales = {"tensor": 1, "row": rows, "group": rows * (cols // group_size)}[granularity]
+    return codes + 4 * scales

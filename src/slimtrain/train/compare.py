@@ -1,0 +1,96 @@
+"""``slimtrain compare``: several recipes, same seed and data, one table and one frontier plot.
+
+Each recipe trains in its own process (``python -m slimtrain train``), so that its peak process
+memory is its own. Outputs in the compare directory: one run directory per recipe,
+``compare.md`` (Markdown table), ``compare.json`` and ``frontier.png`` (static memory against
+validation loss).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from slimtrain.train.data import load_corpus
+from slimtrain.train.trainer import TrainConfig, prepare_run_dir
+
+DEFAULT_COMPARE_RECIPES = (
+    "adamw", "bf16-master", "fp8-master-sr", "fp8-naive-rtn", "fp8-naive-sr", "eco-rtn", "eco-sr",
+    "solo-4-2", "solo-2-2", "slim", "int4-eco",
+)
+
+
+def _train_arguments(overrides: dict[str, Any]) -> list[str]:
+    """``slimtrain train`` options for TrainConfig ``overrides``."""
+    arguments: list[str] = []
+    for name, value in overrides.items():
+        if name == "compile":
+            arguments += [] if value else ["--no-compile"]
+        else:
+            arguments += [f"--{name.replace('_', '-')}", str(value)]
+    return arguments
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """Rows of run summaries -> Markdown: loss, gap to adamw, static B/param, speed, peak memory."""
+    reference = next((r["val_loss"] for r in rows if r["recipe"] == "adamw"), None)
+    lines = ["| recipe | val loss | vs adamw | static B/param | static MiB | tokens/s | peak RSS MiB |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        gap = "—" if reference is None else f"{(r['val_loss'] / reference - 1) * 100:+.2f}%"
+        lines.append(f"| {r['recipe']} | {r['val_loss']:.4f} | {gap} | {r['static_bytes_per_param']:.3f} | "
+                     f"{r['static_bytes'] / 2**20:.2f} | {r['tokens_per_second']:,.0f} | "
+                     f"{r['peak_process_memory'] / 2**20:,.0f} |")
+    return "\n".join(lines)
+
+
+def plot_frontier(rows: list[dict[str, Any]], path: Path) -> None:
+    """Static bytes per parameter (log x) against validation loss, one labelled point per recipe."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in rows:
+        ax.scatter(r["static_bytes_per_param"], r["val_loss"], s=25)
+        ax.annotate(r["recipe"], (r["static_bytes_per_param"], r["val_loss"]), fontsize=8,
+                    xytext=(4, 3), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel("static memory (weights + master + optimizer state), bytes/parameter")
+    ax.set_ylabel("validation loss (nats/token)")
+    ax.set_title("memory vs loss")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def compare(recipes: list[str], overrides: dict[str, Any], out_dir: Path | None = None,
+            force: bool = False, quiet: bool = False) -> str:
+    """Train each recipe with the same settings; returns the Markdown table (also written)."""
+    config = dataclasses.replace(TrainConfig(), **overrides)
+    config.validate()
+    load_corpus(config.data, log=lambda _: None)  # a bad --data fails here, once
+    out_dir = out_dir or Path("runs") / f"compare-{time.strftime('%Y%m%d-%H%M%S')}"
+    prepare_run_dir(out_dir, force)
+    rows = []
+    for recipe in recipes:
+        command = [sys.executable, "-m", "slimtrain", "train", "--recipe", recipe, "--out",
+                   str(out_dir / recipe), "--force", *_train_arguments(overrides)]
+        command += ["--quiet"] if quiet else []
+        print(f"== {recipe}", flush=True)
+        result = subprocess.run(command)
+        if result.returncode:
+            raise ValueError(f"recipe {recipe} failed (exit status {result.returncode}); see above")
+        rows.append(json.loads((out_dir / recipe / "summary.json").read_text()))
+    table = markdown_table(rows)
+    (out_dir / "compare.md").write_text(table + "\n")
+    (out_dir / "compare.json").write_text(json.dumps(dict(overrides=overrides, rows=rows), indent=1))
+    plot_frontier(rows, out_dir / "frontier.png")
+    return f"{table}\n\nwritten: {out_dir}/compare.md, compare.json, frontier.png"

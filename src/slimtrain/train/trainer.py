@@ -1,0 +1,446 @@
+"""The training loop behind ``slimtrain train``: a run directory, metrics, checkpoints, resume.
+
+A run directory holds ``config.json``, ``metrics.jsonl`` (one JSON object per logged step and per
+validation), ``checkpoint.pt`` (written atomically: a temporary file renamed over the last good
+one), ``loss.png`` and ``summary.json``. ``--resume`` continues from ``checkpoint.pt`` exactly:
+model, optimizer (stochastic-rounding generator included) and data order are restored, so the
+losses equal those of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import resource
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from slimtrain.optim import memory_report
+from slimtrain.train.data import DEFAULT_CORPUS, load_corpus, load_tokenizer, random_windows, split_tokens
+from slimtrain.train.models import GPT, GPT_SIZES
+from slimtrain.train.plan import model_tensor_specs, parameter_count, static_memory
+from slimtrain.train.recipes import DEFAULT_RECIPE, RECIPES, get_recipe
+
+CHECKPOINT = "checkpoint.pt"
+CUSTOM_MODEL = "custom"
+# settings that may differ when resuming (they do not change the trajectory before the checkpoint)
+RESUMABLE_CHANGES = ("steps", "out", "eval_every", "checkpoint_every", "compile")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: missing, corrupt, or from another configuration."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a run. Learning rate: linear warm-up over ``warmup`` steps, then
+    cosine decay to ``lr * min_lr_ratio`` at ``steps``. ``seq_len`` None = the model's context.
+    ``clip``: maximum global gradient norm (0 = no clipping)."""
+
+    recipe: str = DEFAULT_RECIPE
+    model: str = "small"
+    data: str = DEFAULT_CORPUS
+    tokenizer: str | None = None
+    steps: int = 400
+    batch_size: int = 32
+    seq_len: int | None = None
+    lr: float = 3e-3
+    warmup: int = 40
+    min_lr_ratio: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.1
+    clip: float = 1.0
+    eval_every: int = 100
+    eval_batches: int = 16
+    checkpoint_every: int = 100
+    seed: int = 0
+    compile: bool = True
+    out: str | None = None
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first invalid setting and what it accepts."""
+        get_recipe(self.recipe)
+        if self.model not in GPT_SIZES and self.model != CUSTOM_MODEL:
+            raise ValueError(f"unknown model {self.model!r}; accepted: {', '.join(GPT_SIZES)}")
+        for name in ("steps", "batch_size", "eval_every", "eval_batches", "checkpoint_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.seq_len is not None and (not isinstance(self.seq_len, int) or self.seq_len < 1):
+            raise ValueError(f"seq_len must be a positive integer, got {self.seq_len!r}")
+        if not isinstance(self.warmup, int) or self.warmup < 0:
+            raise ValueError(f"warmup must be a non-negative integer, got {self.warmup!r}")
+        for name, value in (("lr", self.lr), ("weight_decay", self.weight_decay), ("clip", self.clip)):
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        config = cls(**{k: v for k, v in values.items() if k in known})
+        config.betas = tuple(config.betas)
+        return config
+
+
+def learning_rate(config: TrainConfig, step: int) -> float:
+    """Learning rate of optimizer step ``step`` (0-based): warm-up then cosine decay."""
+    if step < config.warmup:
+        return config.lr * (step + 1) / config.warmup
+    progress = (step - config.warmup) / max(1, config.steps - config.warmup)
+    floor = config.lr * config.min_lr_ratio
+    return floor + (config.lr - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+@dataclass
+class RunResult:
+    """What a finished (or interrupted) run reports; ``summary`` is also in ``summary.json``."""
+
+    run_dir: Path
+    summary: dict[str, Any]
+    interrupted: bool = False
+
+
+def peak_process_memory() -> int:
+    """Peak resident memory of this process so far, bytes (ru_maxrss is in KiB on Linux)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def write_atomically(path: Path, save: Any) -> None:
+    """Call ``save(temporary_path)``, flush it to disk, then rename it to ``path`` (atomic on POSIX:
+    readers see the old file or the new one, never a partial one)."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    save(temporary)
+    with open(temporary, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(temporary, path)
+
+
+def load_checkpoint(run_dir: Path) -> dict[str, Any]:
+    """The checkpoint of ``run_dir``; CheckpointError if it is missing or unreadable."""
+    path = run_dir / CHECKPOINT
+    if not path.is_file():
+        raise CheckpointError(f"--resume {run_dir}: no {CHECKPOINT} in it")
+    try:
+        checkpoint = torch.load(path, weights_only=True)
+    except Exception as error:  # torch raises several types for truncated or foreign files
+        raise CheckpointError(f"--resume {run_dir}: {CHECKPOINT} is corrupt or unreadable "
+                              f"({type(error).__name__}: {str(error).splitlines()[0][:120]})") from None
+    if not isinstance(checkpoint, dict) or not {"step", "config", "model", "optimizer"} <= checkpoint.keys():
+        raise CheckpointError(f"--resume {run_dir}: {CHECKPOINT} is not a slimtrain checkpoint")
+    return checkpoint
+
+
+def check_resumable(saved: TrainConfig, requested: TrainConfig) -> None:
+    """CheckpointError naming the settings that differ and would change the trajectory."""
+    changed = [
+        f"{name} (checkpoint: {getattr(saved, name)!r}, now: {getattr(requested, name)!r})"
+        for name in saved.to_dict()
+        if name not in RESUMABLE_CHANGES and getattr(saved, name) != getattr(requested, name)
+    ]
+    if changed:
+        raise CheckpointError("the checkpoint was made with other settings: " + "; ".join(changed))
+
+
+class Trainer:
+    """One run: builds the corpus, model, recipe and optimizer from ``config`` and trains.
+
+    ``model``: train this nn.Module instead of a named GPT (it maps (batch, length) int64 token ids
+    to (batch, length, vocab) logits; ``config.model`` is then "custom").
+    """
+
+    def __init__(self, config: TrainConfig, run_dir: Path, model: nn.Module | None = None,
+                 progress: bool = True, log: Any = print) -> None:
+        config.validate()
+        self.config, self.run_dir, self.progress, self.log = config, run_dir, progress, log
+        self.recipe = get_recipe(config.recipe)
+        self.tokenizer = load_tokenizer(config.tokenizer)
+        self.corpus = load_corpus(config.data, log)
+        tokens = self.tokenizer.encode(self.corpus.text)
+        self.train_tokens, self.val_tokens = split_tokens(tokens)
+        torch.manual_seed(config.seed)
+        if model is None:
+            gpt = GPT_SIZES[config.model]
+            model = GPT(dataclasses.replace(gpt, vocab_size=self.tokenizer.vocab_size))
+            self.context = gpt.context
+        else:
+            self.context = config.seq_len or 0
+        self.seq_len = config.seq_len or self.context
+        if self.seq_len < 1:
+            raise ValueError("seq_len is required when training a custom model")
+        if self.seq_len > self.context and config.model != CUSTOM_MODEL:
+            raise ValueError(f"seq_len {self.seq_len} exceeds the context of model {config.model!r} "
+                             f"({self.context})")
+        shortest = min(self.train_tokens.numel(), self.val_tokens.numel())
+        if self.seq_len + 2 > shortest:
+            raise ValueError(f"seq_len {self.seq_len} is too long for the corpus {self.corpus.name!r}: "
+                             f"its validation split has {self.val_tokens.numel()} tokens")
+        self.float_specs = model_tensor_specs(model)
+        self.model = model
+        self.recipe.prepare_model(model)
+        self.optimizer = self.recipe.make_optimizer(
+            model.parameters(), lr=config.lr, betas=config.betas, weight_decay=config.weight_decay,
+            seed=config.seed, compile=config.compile,
+        )
+        self.data_rng = torch.Generator().manual_seed(config.seed)
+        self.step = 0
+        self.train_seconds = 0.0
+        val_rng = torch.Generator().manual_seed(config.seed + 1)
+        self.val_batches = [random_windows(self.val_tokens, config.batch_size, self.seq_len, val_rng)
+                            for _ in range(config.eval_batches)]
+
+    # ------------------------------------------------------------------------ checkpoints
+    def state(self) -> dict[str, Any]:
+        return dict(step=self.step, config=self.config.to_dict(), model=self.model.state_dict(),
+                    optimizer=self.optimizer.state_dict(), data_rng=self.data_rng.get_state(),
+                    train_seconds=self.train_seconds)
+
+    def save_checkpoint(self) -> None:
+        write_atomically(self.run_dir / CHECKPOINT, lambda path: torch.save(self.state(), path))
+
+    def restore(self, checkpoint: dict[str, Any]) -> None:
+        """Continue from ``checkpoint`` (see :func:`load_checkpoint`)."""
+        check_resumable(TrainConfig.from_dict(checkpoint["config"]), self.config)
+        try:
+            self.model.load_state_dict(checkpoint["model"])
+            self.optimizer.load_state_dict(checkpoint["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as error:
+            raise CheckpointError(f"the checkpoint does not fit this model and recipe: "
+                                  f"{str(error).splitlines()[0][:200]}") from None
+        self.data_rng.set_state(checkpoint["data_rng"])
+        self.step = int(checkpoint["step"])
+        self.train_seconds = float(checkpoint.get("train_seconds", 0.0))
+
+    # ------------------------------------------------------------------------ training
+    def loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        logits = self.model(inputs)
+        return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
+
+    @torch.no_grad()
+    def validate(self) -> float:
+        """Mean loss over the fixed validation batches (nats per token)."""
+        self.model.eval()
+        losses = [self.loss(x, y).item() for x, y in self.val_batches]
+        self.model.train()
+        return sum(losses) / len(losses)
+
+    def train_step(self) -> float:
+        """One optimizer step; returns the training loss. A non-finite loss or gradient raises
+        FloatingPointError before the optimizer (or the data order) is touched."""
+        rng_state = self.data_rng.get_state()
+        inputs, targets = random_windows(self.train_tokens, self.config.batch_size, self.seq_len,
+                                         self.data_rng)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.loss(inputs, targets)
+        loss.backward()
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        norm = nn.utils.clip_grad_norm_(params, self.config.clip if self.config.clip > 0 else math.inf)
+        if not (torch.isfinite(loss) and torch.isfinite(norm)):
+            self.data_rng.set_state(rng_state)
+            raise FloatingPointError(f"non-finite loss or gradient at step {self.step + 1}")
+        for group in self.optimizer.param_groups:
+            group["lr"] = learning_rate(self.config, self.step)
+        self.optimizer.step()
+        self.step += 1
+        return loss.item()
+
+    def _log_metric(self, record: dict[str, Any]) -> None:
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def _on_interrupt(self, signum: int, frame: Any) -> None:
+        if self.interrupted:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        self.interrupted = True
+        self.log("\ninterrupt: finishing this step, then saving a checkpoint (Ctrl-C again to abort)")
+
+    def run(self) -> RunResult:
+        """Train from ``self.step`` to ``config.steps``. Ctrl-C (SIGINT) lets the current step
+        finish, saves a checkpoint and returns with ``interrupted=True``."""
+        config = self.config
+        tokens_per_step = config.batch_size * self.seq_len
+        bar = tqdm(total=config.steps, initial=self.step, desc=config.recipe, unit="step",
+                   disable=not self.progress, file=sys.stderr, dynamic_ncols=True)
+        self.interrupted = False
+        in_main_thread = threading.current_thread() is threading.main_thread()
+        previous_handler = signal.signal(signal.SIGINT, self._on_interrupt) if in_main_thread else None
+        try:
+            while self.step < config.steps and not self.interrupted:
+                start = time.perf_counter()
+                loss = self.train_step()
+                self.train_seconds += time.perf_counter() - start
+                record = dict(step=self.step, loss=loss, lr=learning_rate(config, self.step - 1))
+                if self.step % config.eval_every == 0 or self.step == config.steps:
+                    record["val_loss"] = self.validate()
+                self._log_metric(record)
+                bar.update(1)
+                speed = tokens_per_step / (time.perf_counter() - start)
+                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{speed:,.0f}",
+                                **({"val": f"{record['val_loss']:.3f}"} if "val_loss" in record else {}))
+                if self.step % config.checkpoint_every == 0 or self.step == config.steps or self.interrupted:
+                    self.save_checkpoint()
+        except FloatingPointError as error:
+            self.save_checkpoint()  # the failed step changed nothing: this is the state before it
+            raise FloatingPointError(f"{error}; the state before it is saved in "
+                                     f"{self.run_dir / CHECKPOINT}") from None
+        finally:
+            bar.close()
+            if in_main_thread:
+                signal.signal(signal.SIGINT, previous_handler)
+        if self.interrupted:
+            self.log(f"interrupted: checkpoint saved at step {self.step}; continue with "
+                     f"`slimtrain train --resume {self.run_dir}`")
+        summary = self.summary()
+        with open(self.run_dir / "summary.json", "w") as f:
+            json.dump(summary, f, indent=1)
+        plot_losses(self.run_dir)
+        return RunResult(self.run_dir, summary, self.interrupted)
+
+    def summary(self) -> dict[str, Any]:
+        """Final numbers of the run: losses, speed, measured static memory per category, peak
+        process memory, and the formula's static memory of the same model under other recipes."""
+        records = read_metrics(self.run_dir)
+        val = [r["val_loss"] for r in records if "val_loss" in r]
+        report = memory_report(self.model, self.optimizer)
+        parameters = parameter_count(self.float_specs)
+        same_model = {name: sum(static_memory(self.float_specs, RECIPES[name]).values())
+                      for name in ("adamw", "bf16-master")}
+        tokens = self.step * self.config.batch_size * self.seq_len
+        return dict(
+            recipe=self.config.recipe, model=self.config.model, corpus=self.corpus.name,
+            tokenizer=getattr(self.tokenizer, "name", "custom"), parameters=parameters,
+            steps=self.step, tokens=tokens, val_loss=val[-1] if val else None,
+            train_loss=records[-1]["loss"] if records else None,
+            tokens_per_second=tokens / max(self.train_seconds, 1e-9),
+            static_memory=dict(report.categories), static_bytes=report.total,
+            static_bytes_per_param=report.total / parameters,
+            same_model_static_bytes=same_model, peak_process_memory=peak_process_memory(),
+        )
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """The records of ``metrics.jsonl`` (empty if there is none)."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def truncate_metrics(run_dir: Path, step: int) -> None:
+    """Drop records after ``step`` (written after the checkpoint a resumed run starts from)."""
+    kept = [r for r in read_metrics(run_dir) if r["step"] <= step]
+    write_atomically(run_dir / "metrics.jsonl",
+                     lambda path: path.write_text("".join(json.dumps(r) + "\n" for r in kept)))
+
+
+def plot_losses(run_dir: Path) -> None:
+    """``loss.png``: training loss (thin) and validation loss (markers) against step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(run_dir)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([r["step"] for r in records], [r["loss"] for r in records], lw=0.8, alpha=0.6, label="train")
+    val = [r for r in records if "val_loss" in r]
+    ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title(run_dir.name)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(run_dir / "loss.png", dpi=120)
+    plt.close(fig)
+
+
+def default_run_dir(config: TrainConfig) -> Path:
+    return Path("runs") / f"{config.recipe}-{config.model}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def prepare_run_dir(run_dir: Path, force: bool) -> None:
+    """Create ``run_dir``; an existing non-empty directory is refused unless ``force``."""
+    if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+        if not force:
+            raise ValueError(f"run directory {run_dir} already exists; pass --force to overwrite it "
+                             f"or --resume {run_dir} to continue it")
+        for name in (CHECKPOINT, "metrics.jsonl", "summary.json", "loss.png", "config.json"):
+            (run_dir / name).unlink(missing_ok=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+
+def train(config: TrainConfig, model: nn.Module | None = None, force: bool = False,
+          progress: bool = True, log: Any = print) -> RunResult:
+    """Start a new run in ``config.out`` (default ``runs/<recipe>-<model>-<time>``)."""
+    config.validate()
+    run_dir = Path(config.out) if config.out else default_run_dir(config)
+    if model is not None:
+        config.model = CUSTOM_MODEL
+    trainer_config = dataclasses.replace(config, out=str(run_dir))
+    prepare_run_dir(run_dir, force)
+    trainer = Trainer(trainer_config, run_dir, model, progress, log)
+    (run_dir / "config.json").write_text(json.dumps(trainer_config.to_dict(), indent=1))
+    return trainer.run()
+
+
+def resume(run_dir: Path, overrides: dict[str, Any] | None = None, model: nn.Module | None = None,
+           progress: bool = True, log: Any = print) -> RunResult:
+    """Continue the run in ``run_dir`` from its checkpoint; ``overrides`` may change only the
+    settings in :data:`RESUMABLE_CHANGES` (e.g. more ``steps``)."""
+    run_dir = Path(run_dir)
+    checkpoint = load_checkpoint(run_dir)
+    config = TrainConfig.from_dict(checkpoint["config"])
+    requested = dataclasses.replace(config, **(overrides or {}), out=str(run_dir))
+    check_resumable(config, requested)
+    trainer = Trainer(requested, run_dir, model, progress, log)
+    trainer.restore(checkpoint)
+    truncate_metrics(run_dir, trainer.step)
+    (run_dir / "config.json").write_text(json.dumps(requested.to_dict(), indent=1))
+    return trainer.run()
+
+
+def _mib(nbytes: float) -> str:
+    return f"{nbytes / 2**20:,.1f} MiB"
+
+
+def format_summary(summary: dict[str, Any], run_dir: Path) -> str:
+    """The end-of-run report printed by ``slimtrain train``."""
+    params = summary["parameters"]
+    memory = summary["static_memory"]
+    lines = [
+        f"run {run_dir}: recipe {summary['recipe']}, model {summary['model']} ({params:,} parameters), "
+        f"corpus {summary['corpus']}, {summary['steps']} steps, {summary['tokens']:,} tokens",
+        f"validation loss  {summary['val_loss']:.4f} nats/token" if summary["val_loss"] is not None
+        else "validation loss  (no validation yet)",
+        f"speed            {summary['tokens_per_second']:,.0f} tokens/s (training steps only)",
+        "static memory    " + ", ".join(f"{k.replace('_', ' ')} {_mib(v)}" for k, v in memory.items())
+        + f"; total {_mib(summary['static_bytes'])} = {summary['static_bytes_per_param']:.3f} B/param"
+        + " (measured)",
+    ]
+    for name, label in (("adamw", "FP32 AdamW"), ("bf16-master", "mixed precision (BF16 + FP32 master)")):
+        other = summary["same_model_static_bytes"][name]
+        lines.append(f"  same model, {label}: {_mib(other)} = {other / params:.3f} B/param "
+                     f"({other / summary['static_bytes']:.1f}x this run)")
+    lines += [
+        f"peak process memory {_mib(summary['peak_process_memory'])}",
+        f"files            {run_dir}/{{config.json, metrics.jsonl, loss.png, {CHECKPOINT}, summary.json}}",
+    ]
+    return "\n".join(lines)
