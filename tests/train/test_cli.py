@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from slimtrain.cli import main
-from slimtrain.train.trainer import CHECKPOINT, Trainer, TrainConfig, read_metrics, train
+from slimtrain.train.trainer import CHECKPOINT, TrainConfig, Trainer, read_metrics, train
 
 TINY = ["--model", "tiny", "--data", "python-docs", "--steps", "6", "--batch-size", "4", "--seq-len", "32",
         "--eval-every", "3", "--eval-batches", "2", "--checkpoint-every", "3", "--no-compile", "--quiet"]
@@ -81,7 +81,7 @@ def test_a_crash_while_writing_a_checkpoint_keeps_the_last_good_one(tmp_path, mo
     before = (run / CHECKPOINT).read_bytes()
 
     def crash(obj, path):
-        open(path, "wb").write(b"partial")
+        path.write_bytes(b"partial")
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", crash)

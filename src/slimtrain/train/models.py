@@ -46,49 +46,66 @@ GPT_SIZES = {
 }
 
 
+def rotary_tables(length: int, head_dim: int, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of rotary position embeddings (RoPE), each (length, head_dim / 2) float32."""
+    frequencies = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    angles = torch.arange(length, dtype=torch.float32)[:, None] * frequencies
+    return angles.cos(), angles.sin()
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Apply RoPE to ``x`` (batch, heads, length, head_dim): rotate pairs (first half, second half)."""
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat([first * cos - second * sin, first * sin + second * cos], dim=-1)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.heads = config.heads
-        self.qkv = nn.Linear(config.width, 3 * config.width)
-        self.proj = nn.Linear(config.width, config.width)
+        self.qkv = nn.Linear(config.width, 3 * config.width, bias=False)
+        self.proj = nn.Linear(config.width, config.width, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         batch, length, width = x.shape
-        q, k, v = self.qkv(x).view(batch, length, 3, self.heads, width // self.heads).unbind(2)
-        y = nn.functional.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True
-        )
+        qkv = self.qkv(x).view(batch, length, 3, self.heads, width // self.heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (batch, heads, length, head_dim)
+        y = nn.functional.scaled_dot_product_attention(rotate(q, cos, sin), rotate(k, cos, sin), v,
+                                                       is_causal=True)
         return self.proj(y.transpose(1, 2).reshape(batch, length, width))
 
 
 class Block(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
-        self.norm1 = nn.LayerNorm(config.width)
+        self.norm1 = nn.RMSNorm(config.width)
         self.attn = CausalSelfAttention(config)
-        self.norm2 = nn.LayerNorm(config.width)
+        self.norm2 = nn.RMSNorm(config.width)
         hidden = config.mlp_ratio * config.width
-        self.mlp = nn.Sequential(nn.Linear(config.width, hidden), nn.GELU(), nn.Linear(hidden, config.width))
+        self.mlp = nn.Sequential(nn.Linear(config.width, hidden, bias=False), nn.GELU(),
+                                 nn.Linear(hidden, config.width, bias=False))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), cos, sin)
         return x + self.mlp(self.norm2(x))
 
 
 class GPT(nn.Module):
-    """Decoder-only transformer (pre-norm, learned positions, output head tied to the token
-    embedding). ``idx`` (batch, length ≤ context) int64 -> logits (batch, length, vocab) float32."""
+    """Decoder-only transformer in the LLaMA manner (pre-norm RMSNorm, rotary positions, no
+    biases) with a GELU MLP and the output head tied to the token embedding.
+    ``idx`` (batch, length ≤ context) int64 -> logits (batch, length, vocab) float32."""
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
-        if config.width % config.heads:
-            raise ValueError(f"width {config.width} is not a multiple of heads {config.heads}")
+        if config.width % (2 * config.heads):
+            raise ValueError(f"width {config.width} is not a multiple of 2 * heads ({config.heads})")
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.width)
-        self.pos_embed = nn.Embedding(config.context, config.width)
+        cos, sin = rotary_tables(config.context, config.width // config.heads)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.layers))
-        self.norm = nn.LayerNorm(config.width)
+        self.norm = nn.RMSNorm(config.width)
         self.lm_head = nn.Linear(config.width, config.vocab_size, bias=False)
         self.lm_head.weight = self.embed.weight
         self.apply(self._init)
@@ -97,12 +114,13 @@ class GPT(nn.Module):
     def _init(module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, std=0.02)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        positions = torch.arange(idx.shape[1], device=idx.device)
-        x = self.embed(idx) + self.pos_embed(positions)
+        length = idx.shape[1]
+        if length > self.config.context:
+            raise ValueError(f"sequence length {length} exceeds the model's context {self.config.context}")
+        cos, sin = self.rope_cos[:length], self.rope_sin[:length]
+        x = self.embed(idx)
         for block in self.blocks:
-            x = block(x)
+            x = block(x, cos, sin)
         return self.lm_head(self.norm(x)).float()
