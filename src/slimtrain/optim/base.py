@@ -36,14 +36,13 @@ def check_choice(name: str, value: Any, accepted: Iterable[Any]) -> None:
 
 
 def check_number(name: str, value: Any, low: float = 0.0, high: float = math.inf,
-                 high_open: bool = False) -> None:
-    """Raise ValueError unless ``value`` is a finite-or-inf real number in [low, high] (or [low, high))."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value >= low and (
-        value < high if high_open else value <= high
-    )
+                 high_open: bool = False, low_open: bool = False) -> None:
+    """Raise ValueError unless ``value`` is a real number in [low, high] (open ends on request)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (
+        value > low if low_open else value >= low) and (value < high if high_open else value <= high)
     if not ok:
-        bracket = ")" if high_open else "]"
-        raise ValueError(f"{name} must be a number in [{low}, {high}{bracket}, got {value!r}")
+        brackets = ("(" if low_open else "[", ")" if high_open else "]")
+        raise ValueError(f"{name} must be a number in {brackets[0]}{low}, {high}{brackets[1]}, got {value!r}")
 
 
 def as_pair(name: str, value: Any, accepted: tuple) -> tuple:
@@ -260,19 +259,12 @@ class LowBitOptimizer(torch.optim.Optimizer):
                 raise ValueError(f"param group {i} has {len(group['params'])} parameters, "
                                  f"the state_dict {len(saved['params'])}")
             index_to_param.update(zip(saved["params"], group["params"], strict=True))
-        saved_state = state_dict["state"]
         group_of = {id(p): g for g in self.param_groups for p in g["params"]}
-        for index, values in saved_state.items():
+        for index, values in state_dict["state"].items():
             param = index_to_param[index]
             self._check_saved_state(index, values, group_of[id(param)], param)
-        super().load_state_dict({**state_dict, "state": {}})
+        load_state_uncast(self, state_dict)
         self._generator.set_state(state_dict["rng_state"])
-        for index, values in saved_state.items():
-            param = index_to_param[index]
-            self.state[param] = {
-                key: value.to(param.device) if torch.is_tensor(value) else value
-                for key, value in values.items()
-            }
 
     def _check_saved_state(self, index: int, values: dict, group: dict, param: torch.Tensor) -> None:
         expected = {"step": ((), torch.float32)}
@@ -284,6 +276,22 @@ class LowBitOptimizer(torch.optim.Optimizer):
                 f"state of parameter {index} does not match this optimizer's configuration: "
                 f"expected {expected}, found {found}"
             )
+
+
+def load_state_uncast(optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]) -> None:
+    """``torch.optim.Optimizer.load_state_dict`` without its cast of floating state tensors to the
+    parameter's dtype: states keep their dtype and only move to the parameter's device."""
+    index_to_param = {
+        index: param
+        for saved, group in zip(state_dict["param_groups"], optimizer.param_groups, strict=True)
+        for index, param in zip(saved["params"], group["params"], strict=True)
+    }
+    torch.optim.Optimizer.load_state_dict(optimizer, {**state_dict, "state": {}})
+    for index, values in state_dict["state"].items():
+        param = index_to_param[index]
+        optimizer.state[param] = {
+            key: value.to(param.device) if torch.is_tensor(value) else value for key, value in values.items()
+        }
 
 
 def step_chunk_(
