@@ -22,7 +22,8 @@ from slimtrain.train.trainer import TrainConfig, format_summary, resume, train
 
 # command-line option -> TrainConfig field, for options that configure a run
 RUN_OPTIONS = ("recipe", "model", "data", "tokenizer", "steps", "batch_size", "seq_len", "lr", "warmup",
-               "weight_decay", "clip", "eval_every", "eval_batches", "checkpoint_every", "seed", "compile")
+               "weight_decay", "clip", "eval_every", "eval_batches", "checkpoint_every", "seed", "compile",
+               "sync_every", "low_rank", "omega", "dist_timeout")
 
 
 def _number(kind: type, low: float, inclusive: bool = True) -> Any:
@@ -71,6 +72,13 @@ def _add_run_options(parser: argparse.ArgumentParser, recipe: bool = True) -> No
     parser.add_argument("--seed", type=_number(int, 0), help=f"({defaults.seed})")
     parser.add_argument("--no-compile", dest="compile", action="store_const", const=False,
                         help="eager optimizer steps (no torch.compile)")
+    parser.add_argument("--sync-every", type=_number(int, 1),
+                        help="diloco/lordo: local steps per round (recipe default 16)")
+    parser.add_argument("--low-rank", type=_number(int, 1),
+                        help="lowrank-ddp/lordo: rank of the low-rank moments (recipe default 16)")
+    parser.add_argument("--omega", type=_number(float, 0), help="lordo: weight of the low-rank direction")
+    parser.add_argument("--dist-timeout", type=_number(float, 0, False),
+                        help=f"seconds to wait for other ranks before failing ({defaults.dist_timeout:g})")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -88,11 +96,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="overwrite an existing run directory")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue this run from its checkpoint "
                                                        "(--steps may extend it)")
+    p.add_argument("--stop-after", type=_number(int, 1), metavar="STEP",
+                   help="save a checkpoint and exit after this step (for time-limited jobs)")
 
     p = commands.add_parser("compare", help="train several recipes on the same data and seed")
     p.add_argument("--recipes", nargs="+", choices=list(RECIPES), metavar="NAME",
                    help=f"recipes to run (default: {' '.join(DEFAULT_COMPARE_RECIPES)})")
     _add_run_options(p, recipe=False)
+    p.add_argument("--nproc-per-node", type=_number(int, 1), default=1,
+                   help="ranks per recipe, launched with torchrun (data-parallel recipes)")
     p.add_argument("--out", metavar="DIR", help="output directory (default runs/compare-<time>)")
     p.add_argument("--force", action="store_true", help="overwrite an existing output directory")
 
@@ -108,24 +120,26 @@ def _train(args: argparse.Namespace) -> int:
     overrides = _run_overrides(args)
     progress = not args.quiet
     if args.resume:
-        unknown = set(overrides) - {"steps", "compile", "eval_every", "checkpoint_every"}
+        unknown = set(overrides) - {"steps", "compile", "eval_every", "checkpoint_every", "dist_timeout"}
         if unknown:
             raise ValueError(f"--resume continues a run with its own settings; only --steps, --eval-every, "
                              f"--checkpoint-every and --no-compile may be given (got "
                              f"{', '.join('--' + n.replace('_', '-') for n in sorted(unknown))})")
         if args.out or args.force:
             raise ValueError("--resume writes into RUN_DIR itself; drop --out/--force")
-        result = resume(Path(args.resume), overrides, progress=progress)
+        result = resume(Path(args.resume), overrides, progress=progress, stop_after=args.stop_after)
     else:
         config = dataclasses.replace(TrainConfig(), **overrides, out=args.out)
-        result = train(config, force=args.force, progress=progress)
-    print(format_summary(result.summary, result.run_dir))
+        result = train(config, force=args.force, progress=progress, stop_after=args.stop_after)
+    if result.summary:  # rank 0 reports; other ranks of a torchrun job stay quiet
+        print(format_summary(result.summary, result.run_dir))
     return 130 if result.interrupted else 0
 
 
 def _compare(args: argparse.Namespace) -> int:
     table = compare(args.recipes or list(DEFAULT_COMPARE_RECIPES), _run_overrides(args),
-                    Path(args.out) if args.out else None, args.force, quiet=args.quiet)
+                    Path(args.out) if args.out else None, args.force, quiet=args.quiet,
+                    nproc_per_node=args.nproc_per_node)
     print(table)
     return 0
 

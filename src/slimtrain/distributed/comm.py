@@ -42,6 +42,14 @@ class Collectives:
             tensor.div_(self.world_size)
         return tensor
 
+    def any_(self, flag: bool, purpose: str = "control") -> bool:
+        """Whether ``flag`` is true on any rank (a 4-byte all-reduce)."""
+        value = torch.tensor([1 if flag else 0], dtype=torch.int32)
+        self.count(value, purpose)
+        if self.world_size > 1:
+            dist.all_reduce(value, op=dist.ReduceOp.MAX, group=self.group)
+        return bool(value.item())
+
     def broadcast_(self, tensor: torch.Tensor, source: int, purpose: str) -> torch.Tensor:
         """Replace ``tensor`` by rank ``source``'s (in place); only ``source`` sends."""
         if self.rank == source:

@@ -37,15 +37,27 @@ def _train_arguments(overrides: dict[str, Any]) -> list[str]:
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
-    """Rows of run summaries -> Markdown: loss, gap to adamw, static B/param, speed, peak memory."""
-    reference = next((r["val_loss"] for r in rows if r["recipe"] == "adamw"), None)
-    lines = ["| recipe | val loss | vs adamw | static B/param | static MiB | tokens/s | peak RSS MiB |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    """Rows of run summaries -> Markdown: loss, gap to the reference (``adamw``, else ``ddp``, else
+    the first row), static B/param, speed, peak memory, and bytes sent per step and rank when the
+    recipes communicate."""
+    names = [r["recipe"] for r in rows]
+    reference = next((name for name in ("adamw", "ddp") if name in names), names[0])
+    reference_loss = rows[names.index(reference)]["val_loss"]
+    traffic = any("sent_bytes_per_step" in r for r in rows)
+    lines = [f"| recipe | val loss | vs {reference} | static B/param | static MiB | tokens/s | peak RSS MiB |"
+             + (" sent KiB/step | traffic vs ddp |" if traffic else ""),
+             "|---|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if traffic else "")]
+    ddp_traffic = next((r["sent_bytes_per_step"] for r in rows if r["recipe"] == "ddp"), None)
     for r in rows:
-        gap = "—" if reference is None else f"{(r['val_loss'] / reference - 1) * 100:+.2f}%"
-        lines.append(f"| {r['recipe']} | {r['val_loss']:.4f} | {gap} | {r['static_bytes_per_param']:.3f} | "
-                     f"{r['static_bytes'] / 2**20:.2f} | {r['tokens_per_second']:,.0f} | "
-                     f"{r['peak_process_memory'] / 2**20:,.0f} |")
+        gap = (r["val_loss"] / reference_loss - 1) * 100
+        line = (f"| {r['recipe']} | {r['val_loss']:.4f} | {gap:+.2f}% | "
+                f"{r['static_bytes_per_param']:.3f} | {r['static_bytes'] / 2**20:.2f} | "
+                f"{r['steady_tokens_per_second']:,.0f} | {r['peak_process_memory'] / 2**20:,.0f} |")
+        if traffic:
+            sent = r.get("sent_bytes_per_step", 0)
+            ratio = f"1/{ddp_traffic / sent:.1f}" if ddp_traffic and sent else "—"
+            line += f" {sent / 1024:,.1f} | {ratio} |"
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -72,8 +84,9 @@ def plot_frontier(rows: list[dict[str, Any]], path: Path) -> None:
 
 
 def compare(recipes: list[str], overrides: dict[str, Any], out_dir: Path | None = None,
-            force: bool = False, quiet: bool = False) -> str:
-    """Train each recipe with the same settings; returns the Markdown table (also written)."""
+            force: bool = False, quiet: bool = False, nproc_per_node: int = 1) -> str:
+    """Train each recipe with the same settings (through torchrun with ``nproc_per_node`` ranks
+    when > 1); returns the Markdown table (also written)."""
     config = dataclasses.replace(TrainConfig(), **overrides)
     config.validate()
     load_corpus(config.data, log=lambda _: None)  # a bad --data fails here, once
@@ -81,7 +94,9 @@ def compare(recipes: list[str], overrides: dict[str, Any], out_dir: Path | None 
     prepare_run_dir(out_dir, force)
     rows = []
     for recipe in recipes:
-        command = [sys.executable, "-m", "slimtrain", "train", "--recipe", recipe, "--out",
+        ranks = f"--nproc-per-node={nproc_per_node}"
+        launcher = ["-m", "torch.distributed.run", ranks] if nproc_per_node > 1 else []
+        command = [sys.executable, *launcher, "-m", "slimtrain", "train", "--recipe", recipe, "--out",
                    str(out_dir / recipe), "--force", *_train_arguments(overrides)]
         command += ["--quiet"] if quiet else []
         print(f"== {recipe}", flush=True)
@@ -91,6 +106,7 @@ def compare(recipes: list[str], overrides: dict[str, Any], out_dir: Path | None 
         rows.append(json.loads((out_dir / recipe / "summary.json").read_text()))
     table = markdown_table(rows)
     (out_dir / "compare.md").write_text(table + "\n")
-    (out_dir / "compare.json").write_text(json.dumps(dict(overrides=overrides, rows=rows), indent=1))
+    (out_dir / "compare.json").write_text(
+        json.dumps(dict(overrides=overrides, nproc_per_node=nproc_per_node, rows=rows), indent=1))
     plot_frontier(rows, out_dir / "frontier.png")
     return f"{table}\n\nwritten: {out_dir}/compare.md, compare.json, frontier.png"

@@ -19,11 +19,11 @@ import torch
 from torch import nn
 
 from slimtrain.optim import memory_report
-from slimtrain.optim.state import layout
+from slimtrain.optim.state import StateFormat, layout
 from slimtrain.quant.formats import weight_storage_bytes
 from slimtrain.train.models import GPT, GPT_SIZES, GPTConfig
 from slimtrain.train.recipes import RECIPES, Recipe, get_recipe
-from slimtrain.weights.convert import DEFAULT_EXCLUDE
+from slimtrain.weights.convert import default_linear_weights, excluded_by_default
 
 CATEGORIES = ("parameters", "master_weights", "optimizer_state")
 GIB = 2**30
@@ -56,28 +56,11 @@ def parameter_count(specs: list[TensorSpec]) -> int:
 
 
 # ------------------------------------------------------------------------------ from a module
-def _excluded(module_name: str) -> bool:
-    return any(pattern in module_name for pattern in DEFAULT_EXCLUDE)
-
-
 def model_tensor_specs(model: nn.Module) -> list[TensorSpec]:
-    """The parameters of ``model`` (tied ones once, named as ``named_parameters()`` names them).
-
-    A parameter is quantizable when some nn.Linear outside the default exclusions holds it as
-    ``.weight`` and no excluded module holds it. Works on meta-device models.
-    """
-    linear_owned: set[int] = set()
-    excluded_owned: set[int] = set()
-    for module_name, module in model.named_modules():
-        own = [p for _, p in module.named_parameters(recurse=False)]
-        if _excluded(module_name):
-            excluded_owned.update(id(p) for p in own)
-        elif isinstance(module, nn.Linear):
-            linear_owned.add(id(module.weight))
-    return [
-        TensorSpec(name, tuple(p.shape), id(p) in linear_owned and id(p) not in excluded_owned)
-        for name, p in model.named_parameters()
-    ]
+    """The parameters of ``model`` (tied ones once, named as ``named_parameters()`` names them);
+    quantizable ones are :func:`default_linear_weights`. Works on meta-device models."""
+    quantizable = {id(p) for p in default_linear_weights(model)}
+    return [TensorSpec(name, tuple(p.shape), id(p) in quantizable) for name, p in model.named_parameters()]
 
 
 def gpt_tensor_specs(config: GPTConfig) -> list[TensorSpec]:
@@ -90,7 +73,7 @@ def gpt_tensor_specs(config: GPTConfig) -> list[TensorSpec]:
 # ------------------------------------------------------------------- published architectures
 def _linear(module: str, out_features: int, in_features: int, count: int = 1) -> TensorSpec:
     """The weight of an nn.Linear called ``module`` (no bias, as in these models)."""
-    return TensorSpec(f"{module}.weight", (out_features, in_features), not _excluded(module), count)
+    return TensorSpec(f"{module}.weight", (out_features, in_features), not excluded_by_default(module), count)
 
 
 def _vector(name: str, size: int, count: int = 1) -> TensorSpec:
@@ -212,6 +195,29 @@ def _layout_bytes(tensors: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> in
     return sum(math.prod(shape) * dtype.itemsize for shape, dtype in tensors.values())
 
 
+def _low_rank_state_bytes(spec: TensorSpec, recipe: Recipe, block_size: int) -> int:
+    """Optimizer state bytes of one tensor under the "lowrank-ddp", "diloco" or "lordo" methods
+    (their step counters are Python ints). Matrix weights: Q (n, r) float32, moments (r, m) in the
+    recipe's state bits; LoRDO adds E (n, m); the round methods keep a float32 anchor of every
+    tensor and DiLoCo an outer momentum buffer; everything else keeps float32 AdamW moments."""
+    numel = spec.numel
+    anchor = numel * _FLOAT32_BYTES if recipe.method in ("diloco", "lordo") else 0
+    if recipe.method == "diloco":
+        return anchor + 3 * numel * _FLOAT32_BYTES  # AdamW m, v and the outer Nesterov buffer
+    n, m = sorted(spec.shape) if len(spec.shape) == 2 else (0, 0)
+    if not (spec.quantizable and n > recipe.rank):
+        return anchor + 2 * numel * _FLOAT32_BYTES
+    bits = recipe.state_bits if recipe.method == "lordo" else (32, 32)
+    moments = sum(
+        _layout_bytes(layout(StateFormat(b, signed=signed, kind=kind, block_size=block_size), name,
+                             torch.Size((recipe.rank, m))))
+        for name, b, signed, kind in (("u", bits[0], True, "dynamic"), ("v", bits[1], False, "log"))
+    )
+    error = numel * _FLOAT32_BYTES if recipe.method == "lordo" and dict(recipe.lordo_options).get(
+        "error_feedback", True) else 0
+    return anchor + error + n * recipe.rank * _FLOAT32_BYTES + moments
+
+
 def static_memory(specs: list[TensorSpec], recipe: Recipe | str, block_size: int = 128,
                   quantile: float = 0.1, min_quantized_numel: int = 4096) -> dict[str, int]:
     """Bytes by category ("parameters", "master_weights", "optimizer_state") that the model of
@@ -226,9 +232,10 @@ def static_memory(specs: list[TensorSpec], recipe: Recipe | str, block_size: int
     recipe = _as_recipe(recipe)
     fmt = recipe.weight_format
     granularity = "tensor" if fmt == "bf16" else recipe.granularity
-    optimizer = recipe.make_optimizer([torch.zeros(1)], lr=1e-3, compile=False, block_size=block_size,
-                                      quantile=quantile, min_quantized_numel=min_quantized_numel)
-    group = optimizer.param_groups[0]
+    if recipe.method in ("adamw", "ddp"):
+        optimizer = recipe.make_optimizer([torch.zeros(1)], lr=1e-3, compile=False, block_size=block_size,
+                                          quantile=quantile, min_quantized_numel=min_quantized_numel)
+        group = optimizer.param_groups[0]
     totals = dict.fromkeys(CATEGORIES, 0)
     for spec in specs:
         quantized = spec.quantizable and fmt is not None
@@ -240,15 +247,18 @@ def static_memory(specs: list[TensorSpec], recipe: Recipe | str, block_size: int
             weight = weight_storage_bytes(fmt, granularity, recipe.group_size, rows, cols)
         else:
             weight = spec.numel * _FLOAT32_BYTES
-        # a stand-in on the meta device: bfloat16 marks "stored below float32" to the optimizer
-        stand_in = torch.empty(spec.shape, device="meta", dtype=torch.bfloat16 if quantized else None)
         master, states = 0, _layout_bytes({"step": _STEP})
-        for name, state_format in optimizer.state_formats(group, stand_in).items():
-            size = _layout_bytes(layout(state_format, name, torch.Size(spec.shape)))
-            if name == "master":
-                master += size
-            else:
-                states += size
+        if recipe.method not in ("adamw", "ddp"):
+            states = _low_rank_state_bytes(spec, recipe, block_size)
+        else:
+            # a stand-in on the meta device: bfloat16 marks "stored below float32" to the optimizer
+            stand_in = torch.empty(spec.shape, device="meta", dtype=torch.bfloat16 if quantized else None)
+            for name, state_format in optimizer.state_formats(group, stand_in).items():
+                size = _layout_bytes(layout(state_format, name, torch.Size(spec.shape)))
+                if name == "master":
+                    master += size
+                else:
+                    states += size
         totals["parameters"] += weight * spec.count
         totals["master_weights"] += master * spec.count
         totals["optimizer_state"] += states * spec.count
@@ -257,19 +267,21 @@ def static_memory(specs: list[TensorSpec], recipe: Recipe | str, block_size: int
 
 def measured_memory(recipe: Recipe | str, config: GPTConfig, seed: int = 0) -> dict[str, int]:
     """Bytes by category that :func:`slimtrain.memory_report` measures on a real :class:`GPT`
-    with ``config``, prepared by ``recipe``, after one step of ``recipe.make_optimizer`` on random
-    tokens (so that every state exists)."""
+    with ``config``, prepared by ``recipe``, after steps of ``recipe.make_optimizer`` on random
+    tokens: one, or one round for the round methods (so that every state exists)."""
     recipe = _as_recipe(recipe)
     generator = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):  # leave the caller's global generator untouched
         torch.manual_seed(seed)
         model = GPT(config)
     recipe.prepare_model(model)
-    optimizer = recipe.make_optimizer(model.parameters(), lr=1e-3, compile=False, seed=seed)
+    optimizer = recipe.make_optimizer(model, lr=1e-3, compile=False, seed=seed)
     tokens = torch.randint(0, config.vocab_size, (2, min(config.context, 16) + 1), generator=generator)
-    logits = model(tokens[:, :-1])
-    nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()).backward()
-    optimizer.step()
+    for _ in range(recipe.sync_every if recipe.method in ("diloco", "lordo") else 1):
+        optimizer.zero_grad()
+        logits = model(tokens[:, :-1])
+        nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()).backward()
+        optimizer.step()
     return memory_report(model, optimizer).categories
 
 

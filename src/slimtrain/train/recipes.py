@@ -6,10 +6,17 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any
 
+import torch
 from torch import nn
 
+from slimtrain.distributed import DiLoCo, LoRDO
 from slimtrain.optim import AdamW
+from slimtrain.optim.lowrank import LowRankAdamW
 from slimtrain.weights import quantize_weights_
+from slimtrain.weights.convert import default_linear_weights
+
+METHODS = ("adamw", "ddp", "lowrank-ddp", "diloco", "lordo")
+DATA_PARALLEL = ("ddp", "lowrank-ddp")  # gradients averaged every step by DistributedDataParallel
 
 
 @dataclass(frozen=True)
@@ -20,6 +27,11 @@ class Recipe:
     stay float32); None keeps float32. granularity / group_size: scales of that format.
     weight_update: "master", "naive" or "eco" for low-precision weights; rounding: "nearest" or
     "stochastic" when they are re-quantized. state_bits: bits of Adam's (m, v).
+    method: "adamw" (slimtrain's AdamW; one worker or many without communication), "ddp"
+    (AdamW under DistributedDataParallel), "lowrank-ddp" (GaLore-style low-rank Adam under DDP,
+    projection refreshed every ``refresh_every`` steps), "diloco" or "lordo" (rounds every
+    ``sync_every`` steps). rank: of low-rank moments. omega: LoRDO's low-rank weight.
+    lordo_options: further LoRDO keyword arguments, as (name, value) pairs.
     """
 
     name: str
@@ -30,6 +42,17 @@ class Recipe:
     weight_update: str = "master"
     rounding: str = "nearest"
     state_bits: tuple[int, int] = (32, 32)
+    method: str = "adamw"
+    rank: int = 16
+    sync_every: int = 16
+    refresh_every: int = 50
+    omega: float = 0.5
+    lordo_options: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def distributed(self) -> bool:
+        """Whether the recipe communicates between workers (needs torch.distributed)."""
+        return self.method != "adamw"
 
     def prepare_model(self, model: nn.Module) -> list[str]:
         """Convert ``model``'s weights in place to this recipe's storage; returns converted names."""
@@ -41,9 +64,29 @@ class Recipe:
         """Keyword arguments of :class:`slimtrain.AdamW` that this recipe sets."""
         return dict(state_bits=self.state_bits, weight_update=self.weight_update, rounding=self.rounding)
 
-    def make_optimizer(self, params: Any, **options: Any) -> AdamW:
-        """``st.AdamW(params, **options)`` with this recipe's settings."""
-        return AdamW(params, **options, **self.optimizer_options())
+    def make_optimizer(self, model_or_params: nn.Module | Any, *, lr: float,
+                       betas: tuple[float, float] = (0.9, 0.999), weight_decay: float = 0.0,
+                       seed: int | None = None, **adamw_options: Any) -> torch.optim.Optimizer:
+        """This recipe's optimizer. ``adamw_options`` (compile, block_size, ...) go to
+        :class:`slimtrain.AdamW` and are ignored by the other methods. Low-rank methods need a
+        module: its :func:`default_linear_weights` take low-rank steps, the rest AdamW steps."""
+        common = dict(lr=lr, betas=betas, weight_decay=weight_decay)
+        is_module = isinstance(model_or_params, nn.Module)
+        params = list(model_or_params.parameters() if is_module else model_or_params)
+        if self.method in ("adamw", "ddp"):
+            return AdamW(params, **common, seed=seed, **adamw_options, **self.optimizer_options())
+        if self.method == "diloco":
+            return DiLoCo(params, **common, sync_every=self.sync_every, seed=seed or 0)
+        if not is_module:
+            raise TypeError(f"recipe {self.name!r} needs the model, to find its matrix weights")
+        matrices = default_linear_weights(model_or_params)
+        chosen = {id(p) for p in matrices}
+        groups = [dict(params=matrices, low_rank=True),
+                  dict(params=[p for p in params if id(p) not in chosen], low_rank=False)]
+        if self.method == "lowrank-ddp":
+            return LowRankAdamW(groups, **common, rank=self.rank, refresh_every=self.refresh_every)
+        return LoRDO(groups, **common, rank=self.rank, sync_every=self.sync_every, omega=self.omega,
+                     state_bits=self.state_bits, seed=seed or 0, **dict(self.lordo_options))
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -72,8 +115,24 @@ RECIPES: dict[str, Recipe] = {
         Recipe("int4-eco", "INT4 weights (group-32 scales) + ECO (SR) + SOLO 4/2-bit states", "int4",
                granularity="group", group_size=32, weight_update="eco", rounding="stochastic",
                state_bits=(4, 2)),
+        Recipe("ddp", "data parallel: AdamW, gradients all-reduced every step (torch DDP)", method="ddp"),
+        Recipe("lowrank-ddp", "data parallel: GaLore-style rank-16 Adam, gradients all-reduced "
+               "every step", method="lowrank-ddp"),
+        Recipe("diloco", "local AdamW, every 16 steps an outer Nesterov step on the averaged change",
+               method="diloco"),
+        Recipe("lordo", "LoRDO: rank-16 local Adam in a shared subspace + full-rank term, sync every 16",
+               method="lordo"),
+        Recipe("lordo-local", "LoRDO with each worker's own projection (baseline variant)", method="lordo",
+               lordo_options=(("projection", "local"),)),
+        Recipe("lordo-omega1", "LoRDO without the full-rank term (omega = 1: stagnates)", method="lordo",
+               omega=1.0),
+        Recipe("lordo-no-ef", "LoRDO without error feedback", method="lordo",
+               lordo_options=(("error_feedback", False),)),
+        Recipe("lordo-slim", "LoRDO with SOLO 4/2-bit low-rank moments", method="lordo",
+               state_bits=(4, 2)),
     ]
 }
+SINGLE_WORKER_RECIPES = tuple(name for name, r in RECIPES.items() if not r.distributed)
 DEFAULT_RECIPE = "slim"
 
 

@@ -27,16 +27,17 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from slimtrain.distributed import Collectives, RoundsOptimizer, launch
 from slimtrain.optim import memory_report
 from slimtrain.train.data import DEFAULT_CORPUS, load_corpus, load_tokenizer, random_windows, split_tokens
 from slimtrain.train.models import GPT, GPT_SIZES
 from slimtrain.train.plan import model_tensor_specs, parameter_count, static_memory
-from slimtrain.train.recipes import DEFAULT_RECIPE, RECIPES, get_recipe
+from slimtrain.train.recipes import DATA_PARALLEL, DEFAULT_RECIPE, RECIPES, Recipe, get_recipe
 
 CHECKPOINT = "checkpoint.pt"
 CUSTOM_MODEL = "custom"
 # settings that may differ when resuming (they do not change the trajectory before the checkpoint)
-RESUMABLE_CHANGES = ("steps", "out", "eval_every", "checkpoint_every", "compile")
+RESUMABLE_CHANGES = ("steps", "out", "eval_every", "checkpoint_every", "compile", "dist_timeout")
 
 
 class CheckpointError(ValueError):
@@ -47,7 +48,9 @@ class CheckpointError(ValueError):
 class TrainConfig:
     """Everything that defines a run. Learning rate: linear warm-up over ``warmup`` steps, then
     cosine decay to ``lr * min_lr_ratio`` at ``steps``. ``seq_len`` None = the model's context.
-    ``clip``: maximum global gradient norm (0 = no clipping)."""
+    ``clip``: maximum global gradient norm (0 = no clipping). ``sync_every``, ``low_rank``,
+    ``omega``: override the recipe's (rounds, rank of low-rank moments, LoRDO's ω).
+    ``dist_timeout``: seconds a collective may wait for the other ranks before the run fails."""
 
     recipe: str = DEFAULT_RECIPE
     model: str = "small"
@@ -68,16 +71,27 @@ class TrainConfig:
     seed: int = 0
     compile: bool = True
     out: str | None = None
+    sync_every: int | None = None
+    low_rank: int | None = None
+    omega: float | None = None
+    dist_timeout: float = 120.0
 
     def validate(self) -> None:
         """Raise ValueError naming the first invalid setting and what it accepts."""
         get_recipe(self.recipe)
         if self.model not in GPT_SIZES and self.model != CUSTOM_MODEL:
             raise ValueError(f"unknown model {self.model!r}; accepted: {', '.join(GPT_SIZES)}")
-        for name in ("steps", "batch_size", "eval_every", "eval_batches", "checkpoint_every"):
+        for name in ("steps", "batch_size", "eval_every", "eval_batches", "checkpoint_every", "sync_every",
+                     "low_rank"):
             value = getattr(self, name)
+            if value is None and name in ("sync_every", "low_rank"):
+                continue
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.omega is not None and not 0 <= self.omega <= 1:
+            raise ValueError(f"omega must be in [0, 1], got {self.omega!r}")
+        if not self.dist_timeout > 0:
+            raise ValueError(f"dist_timeout must be > 0 seconds, got {self.dist_timeout!r}")
         if self.seq_len is not None and (not isinstance(self.seq_len, int) or self.seq_len < 1):
             raise ValueError(f"seq_len must be a positive integer, got {self.seq_len!r}")
         if not isinstance(self.warmup, int) or self.warmup < 0:
@@ -99,6 +113,27 @@ class TrainConfig:
         config = cls(**{k: v for k, v in values.items() if k in known})
         config.betas = tuple(config.betas)
         return config
+
+
+def run_recipe(config: TrainConfig) -> Recipe:
+    """The recipe of ``config`` with its overrides (sync_every, low_rank, omega) applied."""
+    recipe = get_recipe(config.recipe)
+    overrides = dict(sync_every=config.sync_every, rank=config.low_rank, omega=config.omega)
+    return dataclasses.replace(recipe, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def start_workers(config: TrainConfig) -> tuple[int, int]:
+    """(rank, world size): join torchrun's group, or a group of one for a recipe that
+    communicates; (0, 1) with no process group otherwise."""
+    recipe = run_recipe(config)
+    if not (recipe.distributed or launch.launched_by_torchrun()):
+        return 0, 1
+    rank, world = launch.start(config.dist_timeout)
+    if world > 1 and not recipe.distributed:
+        launch.stop()
+        raise ValueError(f"recipe {recipe.name!r} trains a single worker; under torchrun use one of "
+                         f"{', '.join(n for n, r in RECIPES.items() if r.distributed)}")
+    return rank, world
 
 
 def learning_rate(config: TrainConfig, step: int) -> float:
@@ -169,10 +204,11 @@ class Trainer:
     """
 
     def __init__(self, config: TrainConfig, run_dir: Path, model: nn.Module | None = None,
-                 progress: bool = True, log: Any = print) -> None:
+                 progress: bool = True, log: Any = print, rank: int = 0, world: int = 1) -> None:
         config.validate()
-        self.config, self.run_dir, self.progress, self.log = config, run_dir, progress, log
-        self.recipe = get_recipe(config.recipe)
+        self.rank, self.world, self.is_main = rank, world, rank == 0
+        self.config, self.run_dir, self.progress, self.log = config, run_dir, progress and rank == 0, log
+        self.recipe = run_recipe(config)
         self.tokenizer = load_tokenizer(config.tokenizer)
         self.corpus = load_corpus(config.data, log)
         tokens = self.tokenizer.encode(self.corpus.text)
@@ -195,13 +231,23 @@ class Trainer:
             raise ValueError(f"seq_len {self.seq_len} is too long for the corpus {self.corpus.name!r}: "
                              f"its validation split has {self.val_tokens.numel()} tokens")
         self.float_specs = model_tensor_specs(model)
-        self.model = model
+        self.model = self.forward_model = model
         self.recipe.prepare_model(model)
         self.optimizer = self.recipe.make_optimizer(
-            model.parameters(), lr=config.lr, betas=config.betas, weight_decay=config.weight_decay,
+            model, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay,
             seed=config.seed, compile=config.compile,
         )
-        self.data_rng = torch.Generator().manual_seed(config.seed)
+        # traffic: DDP's gradient all-reduces or the rounds' pseudo-gradients, and control flags
+        self.collectives = self.control = None
+        if self.recipe.distributed:
+            self.control = Collectives()
+            if self.recipe.method in DATA_PARALLEL:
+                self.collectives = Collectives()
+                self.forward_model = nn.parallel.DistributedDataParallel(model)
+                self.forward_model.register_comm_hook(None, self.collectives.ddp_comm_hook)
+            else:
+                self.collectives = self.optimizer.collectives
+        self.data_rng = torch.Generator().manual_seed(config.seed + 1_000_003 * rank)
         self.step = 0
         self.train_seconds = 0.0
         val_rng = torch.Generator().manual_seed(config.seed + 1)
@@ -210,16 +256,47 @@ class Trainer:
 
     # ------------------------------------------------------------------------ checkpoints
     def state(self) -> dict[str, Any]:
+        traffic = {name: dict(c.sent) for name, c in (("sent", self.collectives), ("control", self.control))
+                   if c is not None}
         return dict(step=self.step, config=self.config.to_dict(), model=self.model.state_dict(),
                     optimizer=self.optimizer.state_dict(), data_rng=self.data_rng.get_state(),
-                    train_seconds=self.train_seconds)
+                    train_seconds=self.train_seconds, traffic=traffic)
 
     def save_checkpoint(self) -> None:
-        write_atomically(self.run_dir / CHECKPOINT, lambda path: torch.save(self.state(), path))
+        """Write ``checkpoint.pt`` atomically. With several ranks, every other rank first writes
+        its own state to ``checkpoint.rank<R>.step<N>.pt``; rank 0's ``checkpoint.pt`` (written
+        after all of them) names the step, so a crash part-way leaves the last complete set."""
+        state = self.state()
+        if self.world == 1:
+            write_atomically(self.run_dir / CHECKPOINT, lambda path: torch.save(state, path))
+            return
+        own = rank_checkpoint(self.run_dir, self.rank, self.step)
+        if not self.is_main:
+            write_atomically(own, lambda path: torch.save(state, path))
+        launch.barrier()
+        if self.is_main:
+            state["world_size"] = self.world
+            write_atomically(self.run_dir / CHECKPOINT, lambda path: torch.save(state, path))
+        launch.barrier()
+        for old in self.run_dir.glob(f"checkpoint.rank{self.rank}.step*.pt"):
+            if old != own:
+                old.unlink()
 
     def restore(self, checkpoint: dict[str, Any]) -> None:
-        """Continue from ``checkpoint`` (see :func:`load_checkpoint`)."""
+        """Continue from ``checkpoint`` (see :func:`load_checkpoint`); other ranks load their own
+        file of the same step."""
         check_resumable(TrainConfig.from_dict(checkpoint["config"]), self.config)
+        saved_world = int(checkpoint.get("world_size", 1))
+        if saved_world != self.world:
+            raise CheckpointError(f"the checkpoint was written by {saved_world} ranks; "
+                                  f"this run has {self.world}")
+        if not self.is_main:
+            path = rank_checkpoint(self.run_dir, self.rank, int(checkpoint["step"]))
+            try:
+                checkpoint = torch.load(path, weights_only=True)
+            except Exception as error:  # missing or truncated file
+                raise CheckpointError(f"rank {self.rank}: cannot read {path.name} "
+                                      f"({type(error).__name__})") from None
         try:
             self.model.load_state_dict(checkpoint["model"])
             self.optimizer.load_state_dict(checkpoint["optimizer"])
@@ -227,19 +304,25 @@ class Trainer:
             raise CheckpointError(f"the checkpoint does not fit this model and recipe: "
                                   f"{str(error).splitlines()[0][:200]}") from None
         self.data_rng.set_state(checkpoint["data_rng"])
+        for name, counts in checkpoint.get("traffic", {}).items():
+            collectives = self.collectives if name == "sent" else self.control
+            collectives.sent.clear()
+            collectives.sent.update(counts)
         self.step = int(checkpoint["step"])
         self.train_seconds = float(checkpoint.get("train_seconds", 0.0))
 
     # ------------------------------------------------------------------------ training
-    def loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        logits = self.model(inputs)
+    def loss(self, inputs: torch.Tensor, targets: torch.Tensor,
+             model: nn.Module | None = None) -> torch.Tensor:
+        """Mean cross-entropy of ``model`` (default: the training model, DDP-wrapped if any)."""
+        logits = (model or self.forward_model)(inputs)
         return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
 
     @torch.no_grad()
     def validate(self) -> float:
         """Mean loss over the fixed validation batches (nats per token)."""
         self.model.eval()
-        losses = [self.loss(x, y).item() for x, y in self.val_batches]
+        losses = [self.loss(x, y, self.model).item() for x, y in self.val_batches]
         self.model.train()
         return sum(losses) / len(losses)
 
@@ -261,9 +344,15 @@ class Trainer:
             group["lr"] = learning_rate(self.config, self.step)
         self.optimizer.step()
         self.step += 1
+        last_round_open = isinstance(self.optimizer, RoundsOptimizer) and self.optimizer.local_steps % (
+            self.optimizer.sync_every) != 0
+        if self.step == self.config.steps and last_round_open:
+            self.optimizer.synchronize()  # end on the averaged model
         return loss.item()
 
     def _log_metric(self, record: dict[str, Any]) -> None:
+        if not self.is_main:
+            return
         with open(self.run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
 
@@ -273,9 +362,10 @@ class Trainer:
         self.interrupted = True
         self.log("\ninterrupt: finishing this step, then saving a checkpoint (Ctrl-C again to abort)")
 
-    def run(self) -> RunResult:
-        """Train from ``self.step`` to ``config.steps``. Ctrl-C (SIGINT) lets the current step
-        finish, saves a checkpoint and returns with ``interrupted=True``."""
+    def run(self, stop_after: int | None = None) -> RunResult:
+        """Train from ``self.step`` to ``config.steps`` (or to ``stop_after``, leaving a checkpoint
+        that ``--resume`` continues). Ctrl-C (SIGINT) lets the current step finish, saves a
+        checkpoint and returns with ``interrupted=True``."""
         config = self.config
         tokens_per_step = config.batch_size * self.seq_len
         bar = tqdm(total=config.steps, initial=self.step, desc=config.recipe, unit="step",
@@ -284,32 +374,47 @@ class Trainer:
         in_main_thread = threading.current_thread() is threading.main_thread()
         previous_handler = signal.signal(signal.SIGINT, self._on_interrupt) if in_main_thread else None
         try:
-            while self.step < config.steps and not self.interrupted:
+            last = config.steps if stop_after is None else min(config.steps, stop_after)
+            while self.step < last and not self.interrupted:
                 start = time.perf_counter()
                 loss = self.train_step()
                 seconds = time.perf_counter() - start
                 self.train_seconds += seconds
                 record = dict(step=self.step, loss=loss, lr=learning_rate(config, self.step - 1),
                               seconds=seconds)
-                if self.step % config.eval_every == 0 or self.step == config.steps:
+                if self.collectives is not None:
+                    record["sent_bytes"] = self.collectives.total_sent
+                if self.control is not None:  # every rank stops at the same step
+                    self.interrupted = self.control.any_(self.interrupted)
+                if self.is_main and (self.step % config.eval_every == 0 or self.step == config.steps):
                     record["val_loss"] = self.validate()
                 self._log_metric(record)
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_step / seconds:,.0f}",
                                 **({"val": f"{record['val_loss']:.3f}"} if "val_loss" in record else {}))
-                if self.step % config.checkpoint_every == 0 or self.step == config.steps or self.interrupted:
+                if self.step % config.checkpoint_every == 0 or self.step == last or self.interrupted:
                     self.save_checkpoint()
         except FloatingPointError as error:
-            self.save_checkpoint()  # the failed step changed nothing: this is the state before it
-            raise FloatingPointError(f"{error}; the state before it is saved in "
-                                     f"{self.run_dir / CHECKPOINT}") from None
+            if self.world == 1:  # other ranks would wait for this one in a collective
+                self.save_checkpoint()  # the failed step changed nothing: this is the state before it
+                raise FloatingPointError(f"{error}; the state before it is saved in "
+                                         f"{self.run_dir / CHECKPOINT}") from None
+            raise
+        except (RuntimeError, torch.distributed.DistError) as error:
+            if self.world == 1:
+                raise
+            detail = str(error).splitlines()[0][:200]
+            raise OSError(f"rank {self.rank}: lost contact with the other ranks (one stopped or hangs; "
+                          f"the last checkpoint in {self.run_dir} resumes): {detail}") from None
         finally:
             bar.close()
             if in_main_thread:
                 signal.signal(signal.SIGINT, previous_handler)
-        if self.interrupted:
+        if self.interrupted and self.is_main:
             self.log(f"interrupted: checkpoint saved at step {self.step}; continue with "
                      f"`slimtrain train --resume {self.run_dir}`")
+        if not self.is_main:
+            return RunResult(self.run_dir, {}, self.interrupted)
         summary = self.summary()
         with open(self.run_dir / "summary.json", "w") as f:
             json.dump(summary, f, indent=1)
@@ -325,18 +430,23 @@ class Trainer:
         parameters = parameter_count(self.float_specs)
         same_model = {name: sum(static_memory(self.float_specs, RECIPES[name]).values())
                       for name in ("adamw", "bf16-master")}
-        tokens = self.step * self.config.batch_size * self.seq_len
+        tokens = self.step * self.config.batch_size * self.seq_len * self.world
+        traffic = {} if self.collectives is None else dict(
+            world_size=self.world, sent_bytes=dict(self.collectives.sent),
+            sent_bytes_per_step=self.collectives.total_sent / max(self.step, 1),
+            control_bytes=self.control.total_sent,
+        )
         return dict(
             recipe=self.config.recipe, model=self.config.model, corpus=self.corpus.name,
             tokenizer=getattr(self.tokenizer, "name", "custom"), parameters=parameters,
             steps=self.step, tokens=tokens, val_loss=val[-1] if val else None,
             train_loss=records[-1]["loss"] if records else None,
             tokens_per_second=tokens / max(self.train_seconds, 1e-9),
-            steady_tokens_per_second=self.config.batch_size * self.seq_len / statistics.median(
+            steady_tokens_per_second=self.world * self.config.batch_size * self.seq_len / statistics.median(
                 r["seconds"] for r in records[len(records) // 10:]) if records else None,
             static_memory=dict(report.categories), static_bytes=report.total,
             static_bytes_per_param=report.total / parameters,
-            same_model_static_bytes=same_model, peak_process_memory=peak_process_memory(),
+            same_model_static_bytes=same_model, peak_process_memory=peak_process_memory(), **traffic,
         )
 
 
@@ -388,25 +498,44 @@ def prepare_run_dir(run_dir: Path, force: bool) -> None:
                              f"or --resume {run_dir} to continue it")
         for name in (CHECKPOINT, "metrics.jsonl", "summary.json", "loss.png", "config.json"):
             (run_dir / name).unlink(missing_ok=True)
+        for path in run_dir.glob("checkpoint.rank*.pt"):
+            path.unlink()
     run_dir.mkdir(parents=True, exist_ok=True)
 
 
+def rank_checkpoint(run_dir: Path, rank: int, step: int) -> Path:
+    """The file of rank ``rank``'s own state at ``step`` (ranks other than 0)."""
+    return run_dir / f"checkpoint.rank{rank}.step{step}.pt"
+
+
 def train(config: TrainConfig, model: nn.Module | None = None, force: bool = False,
-          progress: bool = True, log: Any = print) -> RunResult:
-    """Start a new run in ``config.out`` (default ``runs/<recipe>-<model>-<time>``)."""
+          progress: bool = True, log: Any = print, stop_after: int | None = None) -> RunResult:
+    """Start a new run in ``config.out`` (default ``runs/<recipe>-<model>-<time>``). Under
+    torchrun every rank calls this; rank 0 chooses and prepares the run directory."""
     config.validate()
-    run_dir = Path(config.out) if config.out else default_run_dir(config)
     if model is not None:
         config.model = CUSTOM_MODEL
-    trainer_config = dataclasses.replace(config, out=str(run_dir))
-    prepare_run_dir(run_dir, force)
-    trainer = Trainer(trainer_config, run_dir, model, progress, log)
-    (run_dir / "config.json").write_text(json.dumps(trainer_config.to_dict(), indent=1))
-    return trainer.run()
+    rank, world = start_workers(config)
+    try:
+        launch.check_same_everywhere(config.to_dict())
+
+        def choose_run_dir() -> str:
+            run_dir = Path(config.out) if config.out else default_run_dir(config)
+            prepare_run_dir(run_dir, force)
+            return str(run_dir)
+
+        run_dir = Path(launch.decided_by_rank0(choose_run_dir))
+        trainer_config = dataclasses.replace(config, out=str(run_dir))
+        trainer = Trainer(trainer_config, run_dir, model, progress, log, rank, world)
+        if rank == 0:
+            (run_dir / "config.json").write_text(json.dumps(trainer_config.to_dict(), indent=1))
+        return trainer.run(stop_after)
+    finally:
+        launch.stop()
 
 
 def resume(run_dir: Path, overrides: dict[str, Any] | None = None, model: nn.Module | None = None,
-           progress: bool = True, log: Any = print) -> RunResult:
+           progress: bool = True, log: Any = print, stop_after: int | None = None) -> RunResult:
     """Continue the run in ``run_dir`` from its checkpoint; ``overrides`` may change only the
     settings in :data:`RESUMABLE_CHANGES` (e.g. more ``steps``)."""
     run_dir = Path(run_dir)
@@ -414,11 +543,18 @@ def resume(run_dir: Path, overrides: dict[str, Any] | None = None, model: nn.Mod
     config = TrainConfig.from_dict(checkpoint["config"])
     requested = dataclasses.replace(config, **(overrides or {}), out=str(run_dir))
     check_resumable(config, requested)
-    trainer = Trainer(requested, run_dir, model, progress, log)
-    trainer.restore(checkpoint)
-    truncate_metrics(run_dir, trainer.step)
-    (run_dir / "config.json").write_text(json.dumps(requested.to_dict(), indent=1))
-    return trainer.run()
+    rank, world = start_workers(requested)
+    try:
+        launch.check_same_everywhere(requested.to_dict())
+        trainer = Trainer(requested, run_dir, model, progress, log, rank, world)
+        trainer.restore(checkpoint)
+        if rank == 0:
+            truncate_metrics(run_dir, trainer.step)
+            (run_dir / "config.json").write_text(json.dumps(requested.to_dict(), indent=1))
+        launch.barrier()
+        return trainer.run(stop_after)
+    finally:
+        launch.stop()
 
 
 def _mib(nbytes: float) -> str:
@@ -444,6 +580,11 @@ def format_summary(summary: dict[str, Any], run_dir: Path) -> str:
         other = summary["same_model_static_bytes"][name]
         lines.append(f"  same model, {label}: {_mib(other)} = {other / params:.3f} B/param "
                      f"({other / summary['static_bytes']:.1f}x this run)")
+    if "sent_bytes" in summary:
+        parts = ", ".join(f"{purpose} {_mib(size)}" for purpose, size in summary["sent_bytes"].items())
+        lines.append(f"traffic          {summary['world_size']} ranks; each sent {parts} "
+                     f"= {summary['sent_bytes_per_step'] / 1024:,.1f} KiB per step "
+                     f"(+ {summary['control_bytes']:,} B of stop flags)")
     lines += [
         f"peak process memory {_mib(summary['peak_process_memory'])}",
         f"files            {run_dir}/{{config.json, metrics.jsonl, loss.png, {CHECKPOINT}, summary.json}}",

@@ -63,3 +63,23 @@ def quantize_weights_(
         module.weight = nn.Parameter(weight, requires_grad=module.weight.requires_grad)
         module.__class__ = QuantizedLinear
     return chosen
+
+
+def excluded_by_default(module_name: str) -> bool:
+    """Whether a module name contains one of DEFAULT_EXCLUDE (embeddings, output heads)."""
+    return any(pattern in module_name for pattern in DEFAULT_EXCLUDE)
+
+
+def default_linear_weights(model: nn.Module) -> list[nn.Parameter]:
+    """The weights :func:`quantize_weights_` converts by default: those of nn.Linear modules whose
+    names contain none of DEFAULT_EXCLUDE, unless an excluded module also holds them (a head
+    tied to an embedding stays with the embedding). In ``named_parameters()`` order."""
+    linear_owned: set[int] = set()
+    excluded_owned: set[int] = set()
+    for module_name, module in model.named_modules():
+        if excluded_by_default(module_name):
+            excluded_owned.update(id(p) for p in module.parameters(recurse=False))
+        elif isinstance(module, nn.Linear):
+            linear_owned.add(id(module.weight))
+    return [p for p in model.parameters() if id(p) in linear_owned and id(p) not in excluded_owned]
+
