@@ -23,7 +23,7 @@ from slimtrain.train.trainer import TrainConfig, format_summary, resume, train
 # command-line option -> TrainConfig field, for options that configure a run
 RUN_OPTIONS = ("recipe", "model", "data", "tokenizer", "steps", "batch_size", "seq_len", "lr", "warmup",
                "weight_decay", "clip", "eval_every", "eval_batches", "checkpoint_every", "seed", "compile",
-               "sync_every", "low_rank", "omega", "dist_timeout")
+               "sync_every", "low_rank", "omega", "lordo_options", "dist_timeout")
 
 
 def _number(kind: type, low: float, inclusive: bool = True) -> Any:
@@ -38,6 +38,19 @@ def _number(kind: type, low: float, inclusive: bool = True) -> Any:
             raise argparse.ArgumentTypeError(f"{text!r} must be {bound}")
         return value
     return parse
+
+
+def _lordo_option(text: str) -> tuple[str, Any]:
+    """argparse type: KEY=VALUE with VALUE an int, float, true/false or a word."""
+    key, separator, value = text.partition("=")
+    if not separator or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE")
+    for kind in (int, float):
+        try:
+            return key, kind(value)
+        except ValueError:
+            pass
+    return key, {"true": True, "false": False}.get(value.lower(), value)
 
 
 def _add_run_options(parser: argparse.ArgumentParser, recipe: bool = True) -> None:
@@ -77,13 +90,20 @@ def _add_run_options(parser: argparse.ArgumentParser, recipe: bool = True) -> No
     parser.add_argument("--low-rank", type=_number(int, 1),
                         help="lowrank-ddp/lordo: rank of the low-rank moments (recipe default 16)")
     parser.add_argument("--omega", type=_number(float, 0), help="lordo: weight of the low-rank direction")
+    parser.add_argument("--lordo", dest="lordo_options", type=_lordo_option, action="append",
+                        metavar="KEY=VALUE",
+                        help="a LoRDO option, e.g. full_rank_scale=rms, moments_on_refresh=rotate, "
+                             "svd=randomized, projection=local, error_feedback=false, outer_momentum=0.9")
     parser.add_argument("--dist-timeout", type=_number(float, 0, False),
                         help=f"seconds to wait for other ranks before failing ({defaults.dist_timeout:g})")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def _run_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    return {name: getattr(args, name) for name in RUN_OPTIONS if getattr(args, name, None) is not None}
+    overrides = {name: getattr(args, name) for name in RUN_OPTIONS if getattr(args, name, None) is not None}
+    if "lordo_options" in overrides:
+        overrides["lordo_options"] = dict(overrides["lordo_options"])
+    return overrides
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -19,7 +19,13 @@ from typing import Any
 import torch
 
 from slimtrain.distributed.comm import Collectives
-from slimtrain.optim.base import check_choice, check_number, load_state_uncast
+from slimtrain.optim.base import (
+    check_adam_options,
+    check_choice,
+    check_number,
+    load_state_uncast,
+    run_closure,
+)
 from slimtrain.optim.lowrank import (
     FULL_RANK_SCALES,
     check_low_rank_options,
@@ -57,11 +63,7 @@ class RoundsOptimizer(torch.optim.Optimizer):
         process_group: Any,
         seed: int,
     ) -> None:
-        check_number("lr", defaults["lr"])
-        check_number("eps", defaults["eps"])
-        check_number("weight_decay", defaults["weight_decay"])
-        for i, beta in enumerate(defaults["betas"]):
-            check_number(f"betas[{i}]", beta, 0.0, 1.0, high_open=True)
+        check_adam_options(defaults["lr"], defaults["betas"], defaults["eps"], defaults["weight_decay"])
         if not isinstance(sync_every, int) or sync_every < 1:
             raise ValueError(f"sync_every must be a positive integer, got {sync_every!r}")
         check_number("outer_lr", outer_lr, 0.0, math.inf, low_open=True)
@@ -88,10 +90,7 @@ class RoundsOptimizer(torch.optim.Optimizer):
     def step(self, closure: Any = None) -> Any:
         """One local step on every parameter with a gradient; a round after every
         ``sync_every`` local steps."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = run_closure(closure)
         if self.local_steps == 0:
             self.first_step()
         grads = {id(p): p.grad.float() for p in self.params() if p.grad is not None}
@@ -261,16 +260,8 @@ class LoRDO(RoundsOptimizer):
         state_bits = (state_bits, state_bits) if isinstance(state_bits, int) else tuple(state_bits)
         for bits in state_bits:
             check_choice("state_bits", bits, tuple(b for b in STATE_BITS if b != 16))
-        defaults = dict(
-            lr=lr,
-            rank=rank,
-            omega=omega,
-            mu=mu,
-            betas=tuple(betas),
-            eps=eps,
-            weight_decay=weight_decay,
-            low_rank=low_rank,
-        )
+        defaults = dict(lr=lr, rank=rank, omega=omega, mu=mu, betas=tuple(betas), eps=eps,
+                        weight_decay=weight_decay, low_rank=low_rank)
         super().__init__(params, defaults, sync_every, outer_lr, outer_momentum, clip, process_group, seed)
         self.options = dict(
             full_rank_scale=full_rank_scale,

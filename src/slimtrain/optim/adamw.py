@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from slimtrain.optim.base import LowBitOptimizer, as_pair, check_choice, check_number
+from slimtrain.optim.base import LowBitOptimizer, as_pair, check_adam_options, check_choice
 from slimtrain.optim.functional import adam_step_scalars, adamw_update_
 from slimtrain.optim.state import SIGNED_MAPS, STATE_BITS, UNSIGNED_MAPS, StateFormat, scaled_beta
 from slimtrain.quant import ROUNDING_MODES
@@ -85,12 +85,8 @@ class AdamW(LowBitOptimizer):
 
     def _check_group(self, group: dict[str, Any]) -> None:
         super()._check_group(group)
-        check_number("eps", group["eps"])
         betas = group["betas"]
-        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-            raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
-        check_number("betas[0]", betas[0], 0.0, 1.0, high_open=True)
-        check_number("betas[1]", betas[1], 0.0, 1.0, high_open=True)
+        check_adam_options(group["lr"], betas, group["eps"], group["weight_decay"])
         maps = group["state_maps"]
         if not isinstance(maps, (tuple, list)) or len(maps) != 2:
             raise ValueError(f"state_maps must be a pair (map of m, map of v), got {maps!r}")

@@ -45,6 +45,25 @@ def check_number(name: str, value: Any, low: float = 0.0, high: float = math.inf
         raise ValueError(f"{name} must be a number in {brackets[0]}{low}, {high}{brackets[1]}, got {value!r}")
 
 
+def check_adam_options(lr: Any, betas: Any, eps: Any, weight_decay: Any) -> None:
+    """ValueError naming the first of lr, betas, eps, weight_decay that is out of range."""
+    check_number("lr", lr)
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+    for i, beta in enumerate(betas):
+        check_number(f"betas[{i}]", beta, 0.0, 1.0, high_open=True)
+    check_number("eps", eps)
+    check_number("weight_decay", weight_decay)
+
+
+def run_closure(closure: Any) -> Any:
+    """The loss of an optimizer's ``closure`` (None without one), computed with grad enabled."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
 def as_pair(name: str, value: Any, accepted: tuple) -> tuple:
     """``value`` or ``(value, value)`` as a pair, each checked against ``accepted``."""
     pair = tuple(value) if isinstance(value, (tuple, list)) else (value, value)
@@ -155,10 +174,7 @@ class LowBitOptimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
         """One optimizer step over every parameter that has a gradient; returns closure's loss."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = run_closure(closure)
         self._check_grads(self.param_groups)
         for group in self.param_groups:
             for p in group["params"]:

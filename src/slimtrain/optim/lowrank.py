@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from slimtrain.optim.base import check_choice, check_number
+from slimtrain.optim.base import check_adam_options, check_choice, run_closure
 from slimtrain.optim.functional import adam_step_scalars, adamw_update_
 
 SVD_METHODS = ("full", "randomized")
@@ -195,36 +195,18 @@ class LowRankAdamW(torch.optim.Optimizer):
         moments_on_refresh: str = "keep",
         low_rank: bool = True,
     ) -> None:
-        check_number("lr", lr)
-        check_number("eps", eps)
-        check_number("weight_decay", weight_decay)
-        for i, beta in enumerate(betas):
-            check_number(f"betas[{i}]", beta, 0.0, 1.0, high_open=True)
+        check_adam_options(lr, betas, eps, weight_decay)
         check_low_rank_options(rank, svd, moments_on_refresh)
         if not isinstance(refresh_every, int) or refresh_every < 1:
             raise ValueError(f"refresh_every must be a positive integer, got {refresh_every!r}")
-        super().__init__(
-            params,
-            dict(
-                lr=lr,
-                rank=rank,
-                refresh_every=refresh_every,
-                betas=tuple(betas),
-                eps=eps,
-                weight_decay=weight_decay,
-                scale=scale,
-                svd=svd,
-                moments_on_refresh=moments_on_refresh,
-                low_rank=low_rank,
-            ),
-        )
+        defaults = dict(lr=lr, rank=rank, refresh_every=refresh_every, betas=tuple(betas), eps=eps,
+                        weight_decay=weight_decay, scale=scale, svd=svd,
+                        moments_on_refresh=moments_on_refresh, low_rank=low_rank)
+        super().__init__(params, defaults)
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = run_closure(closure)
         for group in self.param_groups:
             for param in group["params"]:
                 if param.grad is None:

@@ -16,6 +16,9 @@ from slimtrain.weights import quantize_weights_
 from slimtrain.weights.convert import default_linear_weights
 
 METHODS = ("adamw", "ddp", "lowrank-ddp", "diloco", "lordo")
+# LoRDO keyword arguments a recipe's lordo_options may set (the others come from the recipe/run)
+LORDO_OPTIONS = ("mu", "clip", "outer_lr", "outer_momentum", "full_rank_scale", "error_feedback",
+                 "moments_on_refresh", "svd", "projection", "block_size")
 DATA_PARALLEL = ("ddp", "lowrank-ddp")  # gradients averaged every step by DistributedDataParallel
 
 

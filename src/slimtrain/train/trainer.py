@@ -32,7 +32,14 @@ from slimtrain.optim import memory_report
 from slimtrain.train.data import DEFAULT_CORPUS, load_corpus, load_tokenizer, random_windows, split_tokens
 from slimtrain.train.models import GPT, GPT_SIZES
 from slimtrain.train.plan import model_tensor_specs, parameter_count, static_memory
-from slimtrain.train.recipes import DATA_PARALLEL, DEFAULT_RECIPE, RECIPES, Recipe, get_recipe
+from slimtrain.train.recipes import (
+    DATA_PARALLEL,
+    DEFAULT_RECIPE,
+    LORDO_OPTIONS,
+    RECIPES,
+    Recipe,
+    get_recipe,
+)
 
 CHECKPOINT = "checkpoint.pt"
 CUSTOM_MODEL = "custom"
@@ -49,7 +56,8 @@ class TrainConfig:
     """Everything that defines a run. Learning rate: linear warm-up over ``warmup`` steps, then
     cosine decay to ``lr * min_lr_ratio`` at ``steps``. ``seq_len`` None = the model's context.
     ``clip``: maximum global gradient norm (0 = no clipping). ``sync_every``, ``low_rank``,
-    ``omega``: override the recipe's (rounds, rank of low-rank moments, LoRDO's ω).
+    ``omega``: override the recipe's (rounds, rank of low-rank moments, LoRDO's ω);
+    ``lordo_options``: further :class:`slimtrain.LoRDO` keyword arguments for LoRDO recipes.
     ``dist_timeout``: seconds a collective may wait for the other ranks before the run fails."""
 
     recipe: str = DEFAULT_RECIPE
@@ -74,6 +82,7 @@ class TrainConfig:
     sync_every: int | None = None
     low_rank: int | None = None
     omega: float | None = None
+    lordo_options: dict[str, Any] = dataclasses.field(default_factory=dict)
     dist_timeout: float = 120.0
 
     def validate(self) -> None:
@@ -119,6 +128,14 @@ def run_recipe(config: TrainConfig) -> Recipe:
     """The recipe of ``config`` with its overrides (sync_every, low_rank, omega) applied."""
     recipe = get_recipe(config.recipe)
     overrides = dict(sync_every=config.sync_every, rank=config.low_rank, omega=config.omega)
+    if config.lordo_options:
+        if recipe.method != "lordo":
+            raise ValueError(f"lordo options apply to LoRDO recipes, not to {recipe.name!r}")
+        unknown = sorted(set(config.lordo_options) - set(LORDO_OPTIONS))
+        if unknown:
+            raise ValueError(f"unknown lordo option(s) {', '.join(unknown)}; "
+                             f"accepted: {', '.join(LORDO_OPTIONS)}")
+        overrides["lordo_options"] = tuple({**dict(recipe.lordo_options), **config.lordo_options}.items())
     return dataclasses.replace(recipe, **{k: v for k, v in overrides.items() if v is not None})
 
 
