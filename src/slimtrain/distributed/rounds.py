@@ -218,7 +218,9 @@ class LoRDO(RoundsOptimizer):
         omega: weight of the low-rank direction (1 - omega on the full-rank term); 1 disables it.
         mu: divisor of the full-rank term. full_rank_scale: its denominator, "mean_v" (the mean of
             v̂ over the r rows, per column) or "rms" (the gradient's own RMS).
-        clip: global gradient-norm clipping (None: off). outer_lr, outer_momentum: the outer step.
+        clip: global gradient-norm clipping (None: off). outer_lr, outer_momentum: the outer step
+            (Nesterov; outer_lr=1, outer_momentum=0 is plain averaging). Default 0.7 and 0.9, as
+            DiLoCo: on the benchmark it gave 2.056 against 2.123 for plain averaging.
         error_feedback: keep E, the part of the gradient outside span(Q), for later steps.
         moments_on_refresh: "keep", "rotate" or "reset" u and v when Q changes.
         svd: "full" or "randomized". projection: "global" or "local".
@@ -238,8 +240,8 @@ class LoRDO(RoundsOptimizer):
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 0.0,
-        outer_lr: float = 1.0,
-        outer_momentum: float = 0.0,
+        outer_lr: float = 0.7,
+        outer_momentum: float = 0.9,
         process_group: Any = None,
         *,
         full_rank_scale: str = "mean_v",

@@ -11,6 +11,7 @@ Activations, gradients and temporaries are not counted: this is the static footp
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from slimtrain.distributed import LoRDO
 from slimtrain.optim import memory_report
 from slimtrain.optim.state import StateFormat, layout
 from slimtrain.quant.formats import weight_storage_bytes
@@ -199,11 +201,15 @@ def _low_rank_state_bytes(spec: TensorSpec, recipe: Recipe, block_size: int) -> 
     """Optimizer state bytes of one tensor under the "lowrank-ddp", "diloco" or "lordo" methods
     (their step counters are Python ints). Matrix weights: Q (n, r) float32, moments (r, m) in the
     recipe's state bits; LoRDO adds E (n, m); the round methods keep a float32 anchor of every
-    tensor and DiLoCo an outer momentum buffer; everything else keeps float32 AdamW moments."""
+    tensor and, with outer momentum, a buffer; everything else keeps float32 AdamW moments."""
     numel = spec.numel
     anchor = numel * _FLOAT32_BYTES if recipe.method in ("diloco", "lordo") else 0
     if recipe.method == "diloco":
         return anchor + 3 * numel * _FLOAT32_BYTES  # AdamW m, v and the outer Nesterov buffer
+    if recipe.method == "lordo":
+        momentum = dict(recipe.lordo_options).get(
+            "outer_momentum", inspect.signature(LoRDO).parameters["outer_momentum"].default)
+        anchor += numel * _FLOAT32_BYTES if momentum > 0 else 0  # the outer Nesterov buffer
     n, m = sorted(spec.shape) if len(spec.shape) == 2 else (0, 0)
     if not (spec.quantizable and n > recipe.rank):
         return anchor + 2 * numel * _FLOAT32_BYTES

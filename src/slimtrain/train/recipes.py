@@ -123,8 +123,8 @@ RECIPES: dict[str, Recipe] = {
                "every step", method="lowrank-ddp"),
         Recipe("diloco", "local AdamW, every 16 steps an outer Nesterov step on the averaged change",
                method="diloco"),
-        Recipe("lordo", "LoRDO: rank-16 local Adam in a shared subspace + full-rank term, sync every 16",
-               method="lordo"),
+        Recipe("lordo", "LoRDO: rank-16 local Adam in a shared subspace + full-rank term, sync every 16, "
+               "outer Nesterov", method="lordo"),
         Recipe("lordo-local", "LoRDO with each worker's own projection (baseline variant)", method="lordo",
                lordo_options=(("projection", "local"),)),
         Recipe("lordo-omega1", "LoRDO without the full-rank term (omega = 1: stagnates)", method="lordo",
