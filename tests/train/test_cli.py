@@ -142,6 +142,9 @@ def test_an_existing_run_directory_needs_force(tmp_path, capsys):
     (["--data", "SHORT"], "too long for the corpus"),
     (["--seq-len", "65"], "exceeds the context"),
     (["--tokenizer", "/no/such/tokenizer.json"], "tokenizer"),
+    (["--recipe", "lordo", "--lordo", "rank_of_q=3"], "unknown lordo option(s) rank_of_q"),
+    (["--lordo", "svd=randomized"], "lordo options apply to LoRDO recipes"),
+    (["--recipe", "lordo", "--lordo", "svd=qr"], "svd must be one of"),
 ])
 def test_bad_input_is_one_error_line(tmp_path, capsys, argv, message):
     files = {"EMPTY": b"  \n", "BINARY": b"\x00\x01\x02abc", "SHORT": b"To be, or not to be."}
@@ -162,6 +165,7 @@ def test_bad_input_is_one_error_line(tmp_path, capsys, argv, message):
     (["--lr", "nan"], "must be > 0"),
     (["--lr=-1e-3"], "must be > 0"),
     (["--batch-size", "two"], "not a valid int"),
+    (["--lordo", "svd"], "is not KEY=VALUE"),
 ])
 def test_invalid_options_are_rejected_by_the_parser(capsys, argv, message):
     with pytest.raises(SystemExit) as exit_info:
