@@ -69,6 +69,7 @@ def plot_frontier(rows: list[dict[str, Any]], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for r in rows:
@@ -76,6 +77,8 @@ def plot_frontier(rows: list[dict[str, Any]], path: Path) -> None:
         ax.annotate(r["recipe"], (r["static_bytes_per_param"], r["val_loss"]), fontsize=8,
                     xytext=(4, 3), textcoords="offset points")
     ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
     ax.set_xlabel("static memory (weights + master + optimizer state), bytes/parameter")
     ax.set_ylabel("validation loss (nats/token)")
     ax.set_title("memory vs loss")
