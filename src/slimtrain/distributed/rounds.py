@@ -98,8 +98,9 @@ class RoundsOptimizer(torch.optim.Optimizer):
             norm = torch.linalg.vector_norm(
                 torch.stack([torch.linalg.vector_norm(g) for g in grads.values()])
             )
-            factor = min(1.0, self.clip / (norm.item() + 1e-6))
-            grads = {k: g * factor for k, g in grads.items()}
+            factor = self.clip / (norm.item() + 1e-6)
+            if factor < 1.0:  # no extra pass over the gradients when nothing is clipped
+                grads = {k: g * factor for k, g in grads.items()}
         for group in self.param_groups:
             for param in group["params"]:
                 if param.grad is None:
@@ -133,7 +134,7 @@ class RoundsOptimizer(torch.optim.Optimizer):
         params = [p for p in self.params() if "anchor" in self.state[p]]
         if not params:
             return
-        deltas = [read_weight(p).float().reshape(-1) - self.state[p]["anchor"].reshape(-1) for p in params]
+        deltas = [read_weight(p) - self.state[p]["anchor"].reshape(-1) for p in params]
         self.before_average(params, deltas)
         flat = self.collectives.all_reduce_mean_(torch.cat(deltas), "pseudo-gradients")
         averaged = dict(zip(map(id, params), flat.split([d.numel() for d in deltas]), strict=True))
