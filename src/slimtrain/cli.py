@@ -1,4 +1,4 @@
-"""Command line: ``slimtrain train | compare | plan | recipes``.
+"""Command line: ``slimtrain train | compare | plan | recipes | bench``.
 
 Bad input ends with one ``slimtrain: error: ...`` line on stderr and exit status 2, never a
 traceback.
@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import sys
 from pathlib import Path
 from typing import Any
 
+import torch
+
 import slimtrain as st
+from slimtrain.train.bench import BENCH_HEADER, format_row, run_bench
 from slimtrain.train.compare import DEFAULT_COMPARE_RECIPES, compare
 from slimtrain.train.models import GPT_SIZES
 from slimtrain.train.plan import ARCHITECTURES, formula_check, plan_table, recipes_table
@@ -133,7 +137,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"architecture: {', '.join(ARCHITECTURES)}")
 
     commands.add_parser("recipes", help="list the recipes and their bytes per parameter")
+
+    p = commands.add_parser("bench", help="optimizer step time and bandwidth against torch and peers")
+    p.add_argument("--sizes", nargs="+", type=_size, default=[2**20, 16 * 2**20], metavar="N",
+                   help="parameters per tensor, e.g. 1M 16M (default 1M 16M)")
+    p.add_argument("--steps", type=_number(int, 1), default=5, help="timed steps (median reported)")
+    p.add_argument("--warmup", type=_number(int, 1), default=3, help="untimed steps first")
+    p.add_argument("--only", nargs="+", metavar="TEXT",
+                   help="configurations whose name contains TEXT (the fused baseline always runs)")
+    p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     return parser
+
+
+def _size(text: str) -> int:
+    """argparse type: a count with an optional K or M suffix (powers of two), at least 1024."""
+    scale = {"K": 2**10, "M": 2**20}.get(text[-1:].upper(), 1)
+    try:
+        value = int(float(text[:-1] if scale > 1 else text) * scale)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size like 65536, 64K or 16M") from None
+    if value < 1024:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1024 parameters")
+    return value
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -176,6 +201,19 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(BENCH_HEADER)
+    report = run_bench(args.sizes, args.steps, args.warmup, args.only,
+                       progress=lambda row: print(format_row(row), flush=True))
+    compiled = report["kernel_compile_seconds"]
+    print(f"copy bandwidth {report['copy_bandwidth_gbs']:.1f} GB/s; C kernels "
+          + (f"compiled in {compiled:.1f} s (once per machine)" if compiled else "loaded from the cache"))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -185,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
             return _compare(args)
         if args.command == "plan":
             return _plan(args)
+        if args.command == "bench":
+            return _bench(args)
         print(recipes_table())
         return 0
     except (ValueError, OSError, FloatingPointError) as error:

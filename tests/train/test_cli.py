@@ -229,3 +229,27 @@ def test_a_users_own_module_trains_through_the_python_api(tmp_path):
     result = train(config, model=Bigram(), progress=False, log=lambda _: None)
     assert result.summary["model"] == "custom" and result.summary["steps"] == 4
     assert result.summary["static_memory"]["parameters"] < 4 * result.summary["parameters"]
+
+
+def test_bench_prints_ratios_and_writes_json(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--sizes", "64K", "--steps", "1", "--warmup", "1", "--only", "(4, 2)",
+                 "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "torch AdamW fused" in printed and "st.AdamW (4, 2)" in printed and "copy bandwidth" in printed
+    report = json.loads(out.read_text())
+    rows = {row["name"]: row for row in report["results"]}
+    assert rows["torch AdamW fused"]["ratio_to_fused"] == 1.0
+    assert rows["torch AdamW fused"]["bytes_moved_per_param"] == pytest.approx(28.0, abs=1e-3)
+    low_bit = rows["st.AdamW (4, 2)"]
+    assert low_bit["numel"] == 65536 and low_bit["state_bytes_per_param"] < 0.9
+    assert low_bit["bytes_moved_per_param"] == pytest.approx(12 + 2 * low_bit["state_bytes_per_param"])
+    assert 0 < low_bit["fraction_of_copy"] and report["copy_bandwidth_gbs"] > 0
+
+
+@pytest.mark.parametrize("size, message", [("12", "at least 1024"), ("lots", "not a size")])
+def test_bench_rejects_bad_sizes(capsys, size, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "--sizes", size])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import ctypes
 from typing import Any
 
 import torch
 
+from slimtrain.optim import kernels
 from slimtrain.optim.base import LowBitOptimizer, as_pair, check_adam_options, check_choice
-from slimtrain.optim.functional import adam_step_scalars, adamw_update_
+from slimtrain.optim.functional import adam_denominator, adam_step_scalars, adamw_update_
 from slimtrain.optim.state import SIGNED_MAPS, STATE_BITS, UNSIGNED_MAPS, StateFormat, scaled_beta
 from slimtrain.quant import ROUNDING_MODES
 
@@ -23,13 +25,15 @@ def adamw_rule(
         param, grad, states["exp_avg"], states["exp_avg_sq"], decay=scalars["decay"],
         beta1=scalars["beta1"], beta2=scalars["beta2"], eps=scalars["eps"],
         step_size=scalars["step_size"], bias_correction2_sqrt=scalars["bias_correction2_sqrt"],
+        reproducible=scalars["reproducible"],
     )
 
 
 def adamw_eco_injection(states: dict, error: torch.Tensor, scalars: dict) -> None:
     """ECO for Adam: m += ((1 - beta1^t) / lr) (1 - 1/beta1) d * e, d this step's denominator
     (v is not modified); ``scalars["eco_scale"]`` holds the scalar factor."""
-    denom = (states["exp_avg_sq"].sqrt() / scalars["bias_correction2_sqrt"]).add_(scalars["eps"])
+    denom = adam_denominator(states["exp_avg_sq"], scalars["bias_correction2_sqrt"], scalars["eps"],
+                             scalars["reproducible"])
     states["exp_avg"].add_(scalars["eco_scale"] * denom * error)
 
 
@@ -53,8 +57,10 @@ class AdamW(LowBitOptimizer):
             drop the error) or "eco" (round and feed the error back into m; no master copy).
         rounding: "nearest" or "stochastic" rounding of those parameters.
         eco_decay_correction: multiply ECO's injection by (1 - lr * weight_decay).
-        compile: run steps with quantized states through ``torch.compile`` (one fused pass per
-            chunk of 2^20 elements; compiled once per state format and shape family), else eagerly.
+        compile: run steps with quantized states fused: on the CPU, float32 parameters go through
+            a hand-written C kernel (one pass over each tensor, built once per machine, same bits
+            as the eager step); elsewhere through ``torch.compile`` (one pass per chunk of 2^20
+            elements, compiled once per state format and shape family). False: eager torch code.
         seed: seed of the stochastic-rounding generator (saved in ``state_dict``); default
             ``torch.initial_seed()``.
     """
@@ -112,6 +118,33 @@ class AdamW(LowBitOptimizer):
 
     rules = (adamw_rule, adamw_eco_injection)
 
+    def _fused_step(
+        self, param: torch.Tensor, formats: dict[str, StateFormat], state: dict,
+        scalars: dict[str, Any], seeds: dict[str, int | None], maximize: bool,
+    ) -> bool:
+        """The step of a float32 CPU parameter in the C kernel (same bits as the eager step)."""
+        grad = param.grad
+        if (param.device.type != "cpu" or param.dtype != torch.float32 or grad.dtype != torch.float32
+                or not param.is_contiguous() or set(formats) != {"exp_avg", "exp_avg_sq"}
+                or not all(kernels.supported(f) for f in formats.values())):
+            return False
+        library = kernels.cpu_kernels()
+        if library is None:
+            return False
+        keep_alive = [grad := grad.contiguous()]
+        m, v = (kernels.state_args(state, name, formats[name], seeds[name], keep_alive)
+                for name in ("exp_avg", "exp_avg_sq"))
+        constants = kernels.AdamWScalars(
+            decay=scalars["decay"], lerp_weight=1 - scalars["beta1"], beta2=scalars["beta2"],
+            one_minus_beta2=1 - scalars["beta2"], eps=scalars["eps"],
+            bias_correction2_sqrt=scalars["bias_correction2_sqrt"],
+            neg_step_size=-scalars["step_size"], maximize=int(maximize),
+        )
+        kernels.run_blocks(library.adamw_step_blocks, param.numel(), formats["exp_avg"].block_size,
+                           param.data_ptr(), grad.data_ptr(), ctypes.byref(m), ctypes.byref(v),
+                           ctypes.byref(constants))
+        return True
+
     def _scalars(
         self, group: dict[str, Any], formats: dict[str, StateFormat], step: float
     ) -> dict[str, Any]:
@@ -125,4 +158,6 @@ class AdamW(LowBitOptimizer):
         return dict(
             decay=decay, beta1=beta1, beta2=beta2, eps=group["eps"], step_size=step_size,
             bias_correction2_sqrt=bias_correction2_sqrt, eco_scale=eco_scale,
+            # quantized states: the update the C kernel reproduces (32-bit ones: torch.optim's)
+            reproducible=any(f.quantized for f in formats.values()),
         )

@@ -200,9 +200,14 @@ class LowBitOptimizer(torch.optim.Optimizer):
         options = (group["maximize"], group["weight_update"] if low_precision else None)
         compiled = (group["compile"] and not low_precision
                     and any(f.quantized for f in formats.values()))
+        if compiled and self._fused_step(param, formats, state, scalars, seeds, group["maximize"]):
+            return
         if compiled:  # tensors, so that a compiled step does not specialize on their values
-            scalars = {k: torch.tensor(v, dtype=torch.float32, device=param.device)
+            scalars = {k: v if isinstance(v, bool) else torch.tensor(v, dtype=torch.float32,
+                                                                     device=param.device)
                        for k, v in scalars.items()}
+            seeds = {name: None if seed is None else torch.tensor(seed, device=param.device)
+                     for name, seed in seeds.items()}
         grad = param.grad.reshape(-1)
         if isinstance(param, QuantizedWeight):
             chunks, target = [(param, 0, param.numel())], param
@@ -215,18 +220,23 @@ class LowBitOptimizer(torch.optim.Optimizer):
             views: dict[str, torch.Tensor] = {}
             for name, fmt in formats.items():
                 views.update(chunk_views(state, name, fmt, start, stop))
-            chunk_seeds = {
-                name: None if seed is None else torch.tensor(seed + index, device=param.device)
-                for name, seed in seeds.items()
-            }
+            noise_start = torch.tensor(start, device=param.device) if compiled else start
             step_chunk = compiled_step_chunk if compiled else step_chunk_
             step_chunk(self.rules, formats, options, first, part, grad[start:stop], views, scalars,
-                       chunk_seeds, None if weight_seed is None else weight_seed + index)
+                       seeds, noise_start, None if weight_seed is None else weight_seed + index)
         if target is not param:
             param.copy_(target)
 
     # (update(param, grad, states, scalars, first), inject(states, error, scalars)), set by subclasses
     rules: tuple[Any, Any] = (None, None)
+
+    def _fused_step(
+        self, param: torch.Tensor, formats: dict[str, StateFormat], state: dict,
+        scalars: dict[str, Any], seeds: dict[str, int | None], maximize: bool,
+    ) -> bool:
+        """Run this step of float32 ``param`` in a hand-written kernel, if one covers it; return
+        whether it did (subclasses with a kernel override this)."""
+        return False
 
     def _scalars(
         self, group: dict[str, Any], formats: dict[str, StateFormat], step: float
@@ -313,12 +323,14 @@ def load_state_uncast(optimizer: torch.optim.Optimizer, state_dict: dict[str, An
 def step_chunk_(
     rules: tuple[Any, Any], formats: dict[str, StateFormat], options: tuple[bool, str | None],
     first: bool, param: torch.Tensor, grad: torch.Tensor, views: dict[str, torch.Tensor],
-    scalars: dict[str, Any], seeds: dict[str, torch.Tensor | None], weight_seed: int | None,
+    scalars: dict[str, Any], seeds: dict[str, Any], noise_start: int | torch.Tensor,
+    weight_seed: int | None,
 ) -> None:
     """One chunk of a step: decode the states to float32, apply the update rule, store the
     weight, encode the states. ``param`` is a flat chunk (or a whole QuantizedWeight), ``grad``
-    the matching flat gradient, ``views`` the chunk's state tensors; ``options`` is (maximize,
-    weight update of a low-precision parameter or None).
+    the matching flat gradient, ``views`` the chunk's state tensors, ``noise_start`` the chunk's
+    first element in its tensor; ``options`` is (maximize, weight update of a low-precision
+    parameter or None).
 
     Weight updates: "master" updates the float32 copy in ``views["master"]`` and stores it
     rounded; "naive" updates the decoded weight and stores it rounded, dropping the error;
@@ -339,7 +351,7 @@ def step_chunk_(
     elif work is not param:
         param.copy_(work)
     for name, fmt in formats.items():
-        write_state(views, name, fmt, values[name], seeds[name])
+        write_state(views, name, fmt, values[name], seeds[name], noise_start)
 
 
 _compiled_step_chunk = None

@@ -1,5 +1,8 @@
 """Pure update rules on float32 tensors, written op for op like torch.optim's single-tensor path
-so that 32-bit states reproduce torch.optim.AdamW / SGD bit for bit."""
+so that 32-bit states reproduce torch.optim.AdamW / SGD bit for bit, or (``reproducible=True``)
+from separately rounded +, -, *, / and a correctly rounded square root only, which the C kernel
+of :mod:`slimtrain.optim.kernels` reproduces bit for bit (torch's own lerp and addcmul may fuse a
+multiply-add, and its float32 sqrt may be one ulp off, depending on the CPU)."""
 
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ def adam_step_scalars(lr: float, beta1: float, beta2: float, step: float) -> tup
 def adamw_update_(
     param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, *,
     decay: Scalar, beta1: Scalar, beta2: Scalar, eps: Scalar, step_size: Scalar,
-    bias_correction2_sqrt: Scalar,
+    bias_correction2_sqrt: Scalar, reproducible: bool = False,
 ) -> None:
     """One AdamW step in place on ``param``, ``exp_avg`` and ``exp_avg_sq`` (float32, one shape).
 
@@ -26,10 +29,22 @@ def adamw_update_(
     caller); either way each op rounds as torch.optim.AdamW's single-tensor path does.
     """
     param.mul_(decay)
-    exp_avg.lerp_(grad, 1 - beta1)
-    _addcmul_(exp_avg_sq.mul_(beta2), grad, grad, 1 - beta2)
-    denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
-    _addcdiv_(param, exp_avg, denom, -step_size)
+    if reproducible:
+        exp_avg.add_((grad - exp_avg) * (1 - beta1))
+        exp_avg_sq.mul_(beta2).add_(grad * (1 - beta2) * grad)
+    else:
+        exp_avg.lerp_(grad, 1 - beta1)
+        _addcmul_(exp_avg_sq.mul_(beta2), grad, grad, 1 - beta2)
+    _addcdiv_(param, exp_avg, adam_denominator(exp_avg_sq, bias_correction2_sqrt, eps, reproducible),
+              -step_size)
+
+
+def adam_denominator(exp_avg_sq: torch.Tensor, bias_correction2_sqrt: Scalar, eps: Scalar,
+                     reproducible: bool = False) -> torch.Tensor:
+    """sqrt(v) / sqrt(1 - beta2^t) + eps, a new float32 tensor (square root correctly rounded,
+    through float64, when ``reproducible``)."""
+    root = exp_avg_sq.double().sqrt().float() if reproducible else exp_avg_sq.sqrt()
+    return (root / bias_correction2_sqrt).add_(eps)
 
 
 def _addcmul_(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, value: Scalar) -> torch.Tensor:

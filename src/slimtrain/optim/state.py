@@ -115,9 +115,11 @@ def read_state(state: dict, name: str, fmt: StateFormat, param: torch.Tensor) ->
 
 
 def write_state(
-    state: dict, name: str, fmt: StateFormat, value: torch.Tensor, seed: int | None = None
+    state: dict, name: str, fmt: StateFormat, value: torch.Tensor, seed: int | None = None,
+    noise_start: int | torch.Tensor = 0,
 ) -> None:
-    """Encode float32 ``value`` into state ``name`` (``seed`` drives stochastic rounding)."""
+    """Encode float32 ``value`` into state ``name``. ``seed`` drives stochastic rounding; a chunk
+    starting at element ``noise_start`` of its tensor takes the noise from there on."""
     if fmt.bits == 32:
         if value is not state[name]:
             state[name].copy_(value)
@@ -127,9 +129,10 @@ def write_state(
         return
     seed = seed if fmt.stochastic else None
     if fmt.kind == "log":
-        codes, scales = quantize_log(value, fmt.bits, fmt.block_size, fmt.quantile, seed)
+        codes, scales = quantize_log(value, fmt.bits, fmt.block_size, fmt.quantile, seed, noise_start)
     else:
-        codes, scales = quantize_absmax(value, fmt.bits, fmt.kind, fmt.signed, fmt.block_size, seed)
+        codes, scales = quantize_absmax(value, fmt.bits, fmt.kind, fmt.signed, fmt.block_size, seed,
+                                        noise_start)
     state[name + "_codes"].copy_(codes)
     state[name + "_scales"].copy_(scales)
 

@@ -5,7 +5,7 @@ A tensor of ``numel`` elements is viewed as ``ceil(numel / block_size)`` blocks 
 are dropped on decode. Codes are bit-packed (see :mod:`slimtrain.quant.packing`).
 
 Rounding is nearest when ``seed`` is None, otherwise stochastic with noise
-``uniform_noise(numel_padded, seed)`` (draw the seed from a ``torch.Generator`` with
+``uniform_noise(numel_padded, seed, start=noise_start)`` (draw the seed from a ``torch.Generator`` with
 :func:`slimtrain.quant.rounding.draw_seed`).
 """
 
@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from slimtrain.quant.codebooks import codebook
+from slimtrain.quant.elementary import exp2, log2
 from slimtrain.quant.packing import pack, unpack
 from slimtrain.quant.rounding import round_stochastic, round_to_codebook, uniform_noise
 
@@ -35,13 +36,15 @@ def to_blocks(x: torch.Tensor, block_size: int) -> torch.Tensor:
     return flat.view(-1, block_size)
 
 
-def _noise_like(blocks: torch.Tensor, seed: int | None) -> torch.Tensor | None:
-    return None if seed is None else uniform_noise(blocks.numel(), seed, blocks.device).view_as(blocks)
+def _noise_like(blocks: torch.Tensor, seed: int | None, start: int | torch.Tensor) -> torch.Tensor | None:
+    if seed is None:
+        return None
+    return uniform_noise(blocks.numel(), seed, blocks.device, start).view_as(blocks)
 
 
 def quantize_absmax(
     x: torch.Tensor, bits: int, kind: str = "dynamic", signed: bool = True,
-    block_size: int = 128, seed: int | None = None,
+    block_size: int = 128, seed: int | None = None, noise_start: int | torch.Tensor = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize ``x`` with one absmax scale per block onto a ``kind`` codebook.
 
@@ -51,7 +54,7 @@ def quantize_absmax(
     scales = blocks.abs().amax(dim=1)
     normalized = blocks / torch.where(scales > 0, scales, 1.0)[:, None]
     levels = codebook(kind, bits, signed, blocks.device)
-    codes = round_to_codebook(normalized, levels, _noise_like(blocks, seed))
+    codes = round_to_codebook(normalized, levels, _noise_like(blocks, seed, noise_start))
     return pack(codes, bits), scales
 
 
@@ -90,10 +93,10 @@ def block_quantile(blocks: torch.Tensor, numel: int, quantile: float) -> torch.T
     valid = _valid_counts(numel, blocks)
     # pads are zeros; counts are float32 because 64-bit integer sums vectorize poorly
     rank = (torch.ceil(quantile * valid).clamp(min=1) + (blocks.shape[1] - valid)).float()
-    log_x = torch.log2(blocks)  # -inf for zeros
+    log_x = log2(blocks)  # -inf for zeros
     high = log_x.amax(dim=1)
     smallest_positive = torch.where(blocks > 0, blocks, torch.inf).amin(dim=1)
-    low = torch.where(torch.isfinite(smallest_positive), torch.log2(smallest_positive), high)
+    low = torch.where(torch.isfinite(smallest_positive), log2(smallest_positive), high)
     for _ in range(QUANTILE_BISECTION_STEPS):
         mid = (low + high) / 2
         enough = (log_x <= mid[:, None]).float().sum(dim=1) >= rank
@@ -109,7 +112,7 @@ def block_quantile(blocks: torch.Tensor, numel: int, quantile: float) -> torch.T
 
 def quantize_log(
     x: torch.Tensor, bits: int, block_size: int = 128, quantile: float = 0.1,
-    seed: int | None = None,
+    seed: int | None = None, noise_start: int | torch.Tensor = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize non-negative ``x`` onto geometric levels per block (SOLO's unsigned quantizer).
 
@@ -124,12 +127,12 @@ def quantize_log(
     top = blocks.amax(dim=1)
     bottom = block_quantile(blocks, numel, quantile)
     last = 2**bits - 1
-    log_top = torch.log2(torch.where(top > 0, top, 1.0))
-    step = (log_top - torch.log2(torch.where(top > 0, bottom, 1.0))) / last  # log2 units per level
-    exponent = (log_top[:, None] - torch.log2(blocks.clamp(min=_TINY))) / torch.where(
+    log_top = log2(torch.where(top > 0, top, 1.0))
+    step = (log_top - log2(torch.where(top > 0, bottom, 1.0))) / last  # log2 units per level
+    exponent = (log_top[:, None] - log2(blocks.clamp(min=_TINY))) / torch.where(
         step > 0, step, torch.inf
     )[:, None]
-    codes = round_stochastic(exponent, _noise_like(blocks, seed)).clamp(0, last)
+    codes = round_stochastic(exponent, _noise_like(blocks, seed, noise_start)).clamp(0, last)
     return pack(codes.to(torch.uint8), bits), torch.stack([top, bottom], dim=1)
 
 
@@ -140,7 +143,7 @@ def dequantize_log(
     indices = _unpack_blocks(codes, bits, scales.shape[0], block_size).float()
     top, bottom = scales[:, 0:1], scales[:, 1:2]
     positive = top > 0
-    log_top = torch.log2(torch.where(positive, top, 1.0))
-    step = (log_top - torch.log2(torch.where(positive, bottom, 1.0))) / (2**bits - 1)
-    values = torch.exp2(log_top - step * indices)
+    log_top = log2(torch.where(positive, top, 1.0))
+    step = (log_top - log2(torch.where(positive, bottom, 1.0))) / (2**bits - 1)
+    values = exp2(log_top - step * indices)
     return torch.where(positive, values, 0.0).reshape(-1)[:numel]

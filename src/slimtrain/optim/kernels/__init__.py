@@ -1,0 +1,175 @@
+"""Hand-written CPU kernels in C, compiled with the system C compiler on first use.
+
+The shared library is cached under ``cache_dir()/kernels`` by a hash of the source, the compiler
+flags and the CPU, so a machine compiles it once (about a second). When no compiler is found or
+compilation fails, :func:`cpu_kernels` returns None and slimtrain runs the equivalent eager torch
+code (one warning says why).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from slimtrain.optim.state import StateFormat
+from slimtrain.paths import cache_dir
+from slimtrain.quant import codebook
+from slimtrain.quant.rounding import noise_key
+
+SOURCE = Path(__file__).with_name("adamw_cpu.c")
+# -ffp-contract=off: no fused multiply-add, so that every operation rounds as the eager step's does;
+# -fno-trapping-math lets branch-free selects vectorize (it changes no result)
+FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math",
+         "-shared", "-fPIC", "-std=c11")
+
+_loaded: ctypes.CDLL | None = None
+_failed = False
+compile_seconds: float | None = None  # time spent compiling in this process (None: cached or not built)
+
+
+def _cpu_signature() -> str:
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+        return next((line for line in cpuinfo.splitlines() if line.startswith("flags")), "")
+    except OSError:
+        return platform.processor()
+
+
+def library_path() -> Path:
+    """Where the compiled kernels of this source, flags and CPU are cached."""
+    digest = hashlib.sha256(
+        SOURCE.read_bytes() + " ".join(FLAGS).encode() + _cpu_signature().encode()
+    ).hexdigest()[:16]
+    return cache_dir() / "kernels" / f"adamw_cpu-{digest}.so"
+
+
+def _build(target: Path) -> None:
+    compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+    if compiler is None:
+        raise OSError("no C compiler found (set CC or install gcc)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        built = Path(tmp) / target.name
+        result = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built), "-lm"],
+                                capture_output=True, text=True)
+        if result.returncode != 0:
+            raise OSError(f"{compiler} failed: {result.stderr.strip()[:500]}")
+        os.replace(built, target)  # atomic: concurrent processes never load a partial file
+
+
+def cpu_kernels() -> ctypes.CDLL | None:
+    """The loaded kernel library, building it if needed; None if it cannot be built or loaded."""
+    global _loaded, _failed, compile_seconds
+    if _loaded is not None or _failed:
+        return _loaded
+    if os.environ.get("SLIMTRAIN_NO_KERNELS"):
+        _failed = True
+        return None
+    try:
+        target = library_path()
+        if not target.exists():
+            start = time.perf_counter()
+            _build(target)
+            compile_seconds = time.perf_counter() - start
+        _loaded = ctypes.CDLL(str(target))
+    except OSError as error:
+        warnings.warn(f"slimtrain's C kernels are unavailable ({error}); optimizer steps on the CPU "
+                      "run as eager torch code", RuntimeWarning, stacklevel=2)
+        _failed = True
+        return None
+    _declare(_loaded)
+    return _loaded
+
+
+KIND_FLOAT, KIND_CODEBOOK, KIND_LOG = 0, 1, 2
+
+
+class StateArgs(ctypes.Structure):
+    """Mirror of ``state_t`` in adamw_cpu.c."""
+
+    _fields_ = [
+        ("kind", ctypes.c_int32), ("bits", ctypes.c_int32), ("stochastic", ctypes.c_int32),
+        ("key", ctypes.c_uint32), ("quantile", ctypes.c_float),
+        ("values", ctypes.c_void_p), ("codes", ctypes.c_void_p), ("scales", ctypes.c_void_p),
+        ("levels", ctypes.c_void_p), ("mids", ctypes.c_void_p),
+    ]
+
+
+class AdamWScalars(ctypes.Structure):
+    """Mirror of ``adamw_scalars_t`` in adamw_cpu.c (float32 values, as torch rounds them)."""
+
+    _fields_ = [
+        ("decay", ctypes.c_float), ("lerp_weight", ctypes.c_float), ("beta2", ctypes.c_float),
+        ("one_minus_beta2", ctypes.c_float), ("eps", ctypes.c_float),
+        ("bias_correction2_sqrt", ctypes.c_float), ("neg_step_size", ctypes.c_float),
+        ("maximize", ctypes.c_int32),
+    ]
+
+
+def _declare(library: ctypes.CDLL) -> None:
+    library.adamw_step_blocks.restype = ctypes.c_int
+    library.adamw_step_blocks.argtypes = [
+        ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
+        ctypes.c_void_p, ctypes.POINTER(StateArgs), ctypes.POINTER(StateArgs),
+        ctypes.POINTER(AdamWScalars),
+    ]
+
+
+def state_args(state: dict, name: str, fmt: StateFormat, seed: int | None,
+               keep_alive: list) -> StateArgs:
+    """The ``state_t`` of state ``name`` stored in ``fmt`` (``keep_alive`` collects the tables
+    the kernel reads, to outlive the call)."""
+    key = noise_key(seed) if seed is not None and fmt.stochastic else 0
+    if not fmt.quantized:
+        return StateArgs(kind=KIND_FLOAT, values=state[name].data_ptr())
+    codes, scales = state[name + "_codes"], state[name + "_scales"]
+    args = StateArgs(kind=KIND_LOG if fmt.kind == "log" else KIND_CODEBOOK, bits=fmt.bits,
+                     stochastic=int(fmt.stochastic), key=key, quantile=fmt.quantile,
+                     codes=codes.data_ptr(), scales=scales.data_ptr())
+    if fmt.kind != "log":
+        levels = codebook(fmt.kind, fmt.bits, fmt.signed)
+        mids = (levels[1:] + levels[:-1]) / 2  # as round_to_codebook computes them
+        keep_alive += [levels, mids]
+        args.levels, args.mids = levels.data_ptr(), mids.data_ptr()
+    return args
+
+
+def supported(fmt: StateFormat) -> bool:
+    """Whether the kernels read and write states stored in ``fmt`` (all but bfloat16)."""
+    return fmt.bits == 32 or fmt.quantized
+
+
+_pool: ThreadPoolExecutor | None = None
+MIN_BLOCKS_PER_THREAD = 64
+
+
+def run_blocks(kernel: Callable[..., int], numel: int, block_size: int, *args: Any) -> None:
+    """Call ``kernel(numel, block_size, first_block, last_block, *args)`` over all blocks, split
+    across ``torch.get_num_threads()`` threads (ctypes releases the GIL during each call)."""
+    global _pool
+    blocks = -(-numel // block_size)
+    threads = max(1, min(torch.get_num_threads(), blocks // MIN_BLOCKS_PER_THREAD))
+    bounds = [blocks * i // threads for i in range(threads + 1)]
+    calls = [(numel, block_size, bounds[i], bounds[i + 1], *args) for i in range(threads)]
+    if threads > 1:
+        if _pool is None or _pool._max_workers < threads - 1:
+            _pool = ThreadPoolExecutor(max_workers=threads - 1, thread_name_prefix="slimtrain")
+        pending = [_pool.submit(kernel, *call) for call in calls[1:]]
+        statuses = [kernel(*calls[0])] + [future.result() for future in pending]
+    else:
+        statuses = [kernel(*calls[0])]
+    if any(statuses):
+        raise ValueError(f"kernel rejected block_size={block_size} (a multiple of 8 up to 65536)")

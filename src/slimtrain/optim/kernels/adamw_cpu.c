@@ -1,0 +1,358 @@
+/* One fused AdamW step over a range of blocks of a float32 parameter whose moments are stored in
+ * float32, in bit-packed codes with an absmax scale per block (a codebook), or in bit-packed codes
+ * on logarithmic levels (SOLO). Each block is decoded into a buffer in L1, updated, and encoded
+ * again: one pass over the parameter, the gradient and the state bytes, no full-size temporary.
+ *
+ * Every operation mirrors, in order and in float32, the eager torch code of slimtrain.quant and
+ * slimtrain.optim.functional, so that both give the same bits (build with -ffp-contract=off).
+ * Compiled and loaded by slimtrain/optim/kernels/__init__.py.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+enum { KIND_FLOAT = 0, KIND_CODEBOOK = 1, KIND_LOG = 2 };
+
+typedef struct {
+    int32_t kind;        /* KIND_* */
+    int32_t bits;        /* code width (2..8) for the quantized kinds */
+    int32_t stochastic;  /* stochastic rounding when encoding */
+    uint32_t key;        /* mix32(seed): noise of padded element i is hash(i + key) */
+    float quantile;      /* p of the logarithmic map */
+    float *values;       /* KIND_FLOAT: numel float32 */
+    uint8_t *codes;      /* quantized: packed codes of all blocks */
+    float *scales;       /* codebook: one absmax per block; log: (max, x_p) per block */
+    const float *levels; /* codebook: 2^bits sorted levels */
+    const float *mids;   /* codebook: 2^bits - 1 midpoints between neighbouring levels */
+} state_t;
+
+typedef struct {
+    float decay, lerp_weight, beta2, one_minus_beta2, eps, bias_correction2_sqrt, neg_step_size;
+    int32_t maximize;
+} adamw_scalars_t;
+
+/* ------------------------------------------------------------------ counter-based noise */
+static inline uint32_t mix32(uint32_t x) {
+    x = ((x >> 16) ^ x) * 0x45D9F3Bu;
+    x = ((x >> 16) ^ x) * 0x45D9F3Bu;
+    return (x >> 16) ^ x;
+}
+
+static inline float noise_at(uint32_t key, int64_t index) {
+    return (float)(mix32((uint32_t)index + key) >> 8) * (1.0f / 16777216.0f);
+}
+
+/* ------------------------------------------------- log2 / exp2 of slimtrain.quant.elementary */
+static inline uint32_t float_bits(float x) { uint32_t b; memcpy(&b, &x, sizeof b); return b; }
+static inline float bits_float(uint32_t b) { float x; memcpy(&x, &b, sizeof x); return x; }
+
+#define TINY 1.17549435082228750797e-38f /* smallest normal float32 */
+
+/* 8-lane vectors (GCC/Clang vector extensions: AVX on x86-64 with -march=native). Block sizes
+ * are multiples of 8, so every loop over a block runs on whole vectors. Maxima, minima and
+ * integer counts do not depend on the order of evaluation, so lanes give the same bits. */
+typedef float f8 __attribute__((vector_size(32)));
+typedef int32_t i8 __attribute__((vector_size(32)));
+static inline f8 load8(const float *p) { f8 v; memcpy(&v, p, sizeof v); return v; }
+static inline void store8i(int32_t *p, i8 v) { memcpy(p, &v, sizeof v); }
+static inline f8 splat8(float x) { return (f8){x, x, x, x, x, x, x, x}; }
+static inline f8 select8(i8 mask, f8 a, f8 b) { return (f8)((mask & (i8)a) | (~mask & (i8)b)); }
+static inline f8 max8(f8 a, f8 b) { return select8(a > b, a, b); }
+static inline float lanes_max(f8 v, float start) {
+    for (int j = 0; j < 8; ++j) start = v[j] > start ? v[j] : start;
+    return start;
+}
+
+/* frexp by bit manipulation (subnormals scaled by 2^24 first), branch-free so that loops vectorize */
+static inline float portable_log2(float x) {
+    int subnormal = x < TINY;
+    uint32_t b = float_bits(subnormal ? x * 16777216.0f : x);
+    int32_t e = (int32_t)((b >> 23) & 0xFF) - 126 - (subnormal ? 24 : 0);
+    float m = bits_float((b & 0x007FFFFFu) | 0x3F000000u); /* in [0.5, 1) */
+    int small = m < 0.7071067690849304f;
+    m = small ? m * 2.0f : m;
+    e = e - small;
+    float s = (m - 1.0f) / (m + 1.0f);
+    float s2 = s * s;
+    float series = 0.1111111119389534f;
+    series = series * s2 + 0.1428571492433548f;
+    series = series * s2 + 0.20000000298023224f;
+    series = series * s2 + 0.3333333432674408f;
+    series = series * s2 + 1.0f;
+    float r = (float)e + (s * series) * 2.885390043258667f;
+    return x > 0.0f ? (x == INFINITY ? x : r) : (x == 0.0f ? -INFINITY : NAN);
+}
+
+static inline float power_of_two(int32_t n) {
+    uint32_t bits = (uint32_t)(n + 127) << 23;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+static inline float portable_exp2(float y) {
+    static const float coeff[9] = {1.3215486660556053e-06f, 1.5252733646775596e-05f,
+                                   0.0001540352968731895f, 0.0013333557872101665f,
+                                   0.009618128649890423f, 0.05550410971045494f,
+                                   0.24022650718688965f, 0.6931471824645996f, 1.0f};
+    if (isnan(y)) return y;
+    if (y < -252.0f) return 0.0f;
+    if (y > 254.0f) return INFINITY;
+    float n = floorf(y + 0.5f);
+    float r = y - n;
+    float p = coeff[0];
+    for (int k = 1; k < 9; ++k) p = p * r + coeff[k];
+    int32_t whole = (int32_t)n;
+    int32_t half = whole >= 0 ? whole / 2 : -((-whole + 1) / 2);
+    return p * power_of_two(half) * power_of_two(whole - half);
+}
+
+/* ------------------------------------------------------------------------- bit packing */
+/* 8 codes of `bits` bits fill exactly `bits` bytes, little-endian: code j at bit j * bits */
+#define GROUP_LOOP(BITS, BODY) case BITS: for (int64_t g = 0; g < count / 8; ++g) { BODY(BITS) } break;
+#define UNPACK_GROUP(BITS) \
+    uint64_t word = 0; memcpy(&word, src + g * BITS, BITS); \
+    for (int j = 0; j < 8; ++j) codes[g * 8 + j] = (int32_t)((word >> (j * BITS)) & ((1u << BITS) - 1));
+#define PACK_GROUP(BITS) \
+    uint64_t word = 0; \
+    for (int j = 0; j < 8; ++j) word |= (uint64_t)codes[g * 8 + j] << (j * BITS); \
+    memcpy(dst + g * BITS, &word, BITS);
+
+static void unpack_block(const uint8_t *src, int bits, int64_t count, int32_t *codes) {
+    switch (bits) { /* whole bytes of 2, 4 or 8 codes: byte loops that vectorize */
+        case 2:
+            for (int64_t b = 0; b < count / 4; ++b)
+                for (int j = 0; j < 4; ++j) codes[4 * b + j] = (src[b] >> (2 * j)) & 3;
+            return;
+        case 4:
+            for (int64_t b = 0; b < count / 2; ++b) {
+                codes[2 * b] = src[b] & 15;
+                codes[2 * b + 1] = src[b] >> 4;
+            }
+            return;
+        case 8:
+            for (int64_t i = 0; i < count; ++i) codes[i] = src[i];
+            return;
+        GROUP_LOOP(3, UNPACK_GROUP) GROUP_LOOP(5, UNPACK_GROUP) GROUP_LOOP(6, UNPACK_GROUP)
+        GROUP_LOOP(7, UNPACK_GROUP)
+    }
+}
+
+static void pack_block(const int32_t *codes, int bits, int64_t count, uint8_t *dst) {
+    switch (bits) {
+        GROUP_LOOP(2, PACK_GROUP) GROUP_LOOP(3, PACK_GROUP) GROUP_LOOP(4, PACK_GROUP)
+        GROUP_LOOP(5, PACK_GROUP) GROUP_LOOP(6, PACK_GROUP) GROUP_LOOP(7, PACK_GROUP)
+        GROUP_LOOP(8, PACK_GROUP)
+    }
+}
+
+/* out[i] = number of entries of sorted table[0..n) below x[i] (<= x[i] if inclusive) */
+static void count_below(const float *table, int n, const float *x, int64_t count, int inclusive,
+                        int32_t *out) {
+    if (n <= 16) {
+        for (int64_t i = 0; i < count; i += 8) {
+            f8 y = load8(x + i);
+            i8 c = {0};
+            if (inclusive) for (int j = 0; j < n; ++j) c -= splat8(table[j]) <= y;
+            else for (int j = 0; j < n; ++j) c -= splat8(table[j]) < y;
+            store8i(out + i, c);
+        }
+        return;
+    }
+    for (int64_t i = 0; i < count; ++i) out[i] = 0;
+    int size = 1;
+    while (size <= n) size *= 2; /* search a table padded with +inf to a power of two > n */
+    for (int step = size / 2; step > 0; step /= 2) {
+        for (int64_t i = 0; i < count; ++i) {
+            int probe = out[i] + step - 1;
+            float entry = probe < n ? table[probe] : INFINITY;
+            out[i] += (inclusive ? entry <= x[i] : entry < x[i]) ? step : 0;
+        }
+    }
+}
+
+/* ---------------------------------------------------------------------- decode / encode */
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+/* out[i] = table[codes[i]] for a table of `size` entries */
+static void lookup(const float *table, int size, const int32_t *codes, int64_t count, float *out) {
+#if defined(__AVX2__)
+    if (size <= 16) { /* in-register permutes instead of loads */
+        float padded[16] = {0};
+        memcpy(padded, table, (size_t)size * sizeof(float));
+        __m256 low = _mm256_loadu_ps(padded), high = _mm256_loadu_ps(padded + 8);
+        for (int64_t i = 0; i < count; i += 8) {
+            __m256i index = _mm256_loadu_si256((const __m256i *)(codes + i));
+            __m256 from_low = _mm256_permutevar8x32_ps(low, index);
+            __m256 from_high = _mm256_permutevar8x32_ps(high, index);
+            __m256 use_high = _mm256_castsi256_ps(_mm256_slli_epi32(index, 28)); /* bit 3 -> sign */
+            _mm256_storeu_ps(out + i, _mm256_blendv_ps(from_low, from_high, use_high));
+        }
+        return;
+    }
+#endif
+    for (int64_t i = 0; i < count; ++i) out[i] = table[codes[i]];
+}
+
+typedef struct { float *work; int32_t *codes, *counts; } scratch_t; /* block-sized buffers */
+
+static void decode_block(const state_t *s, int64_t block, int64_t block_size, int64_t valid,
+                         float *out, int32_t *codes) {
+    int64_t start = block * block_size;
+    if (s->kind == KIND_FLOAT) {
+        memcpy(out, s->values + start, (size_t)valid * sizeof(float));
+        for (int64_t i = valid; i < block_size; ++i) out[i] = 0.0f;
+        return;
+    }
+    unpack_block(s->codes + start * s->bits / 8, s->bits, block_size, codes);
+    float table[256];
+    int last = (1 << s->bits) - 1;
+    if (s->kind == KIND_CODEBOOK) {
+        float scale = s->scales[block];
+        for (int k = 0; k <= last; ++k) table[k] = s->levels[k] * scale;
+    } else {
+        float top = s->scales[2 * block], bottom = s->scales[2 * block + 1];
+        int positive = top > 0.0f;
+        float log_top = portable_log2(positive ? top : 1.0f);
+        float step = (log_top - portable_log2(positive ? bottom : 1.0f)) / (float)last;
+        for (int k = 0; k <= last; ++k)
+            table[k] = positive ? portable_exp2(log_top - step * (float)k) : 0.0f;
+    }
+    lookup(table, last + 1, codes, block_size, out);
+}
+
+static void encode_codebook(const state_t *s, int64_t block, int64_t block_size, const float *x,
+                            const scratch_t *w) {
+    int n = 1 << s->bits;
+    f8 lane_max = splat8(0.0f);
+    for (int64_t i = 0; i < block_size; i += 8)
+        lane_max = max8((f8)((i8)load8(x + i) & 0x7FFFFFFF), lane_max); /* |x| */
+    float absmax = lanes_max(lane_max, 0.0f);
+    float divisor = absmax > 0.0f ? absmax : 1.0f;
+    float *y = w->work;
+    for (int64_t i = 0; i < block_size; ++i) y[i] = x[i] / divisor;
+    if (!s->stochastic) {
+        count_below(s->mids, n - 1, y, block_size, 0, w->codes);
+    } else {
+        int64_t start = block * block_size;
+        count_below(s->levels + 1, n - 2, y, block_size, 1, w->counts);
+        for (int64_t i = 0; i < block_size; ++i) {
+            int low = w->counts[i];
+            float low_level = s->levels[low];
+            float gap = s->levels[low + 1] - low_level;
+            float frac = (y[i] - low_level) / (gap > 0.0f ? gap : 1.0f);
+            frac = frac < 0.0f ? 0.0f : (frac > 1.0f ? 1.0f : frac);
+            w->codes[i] = low + (noise_at(s->key, start + i) < frac);
+        }
+    }
+    s->scales[block] = absmax;
+}
+
+#define QUANTILE_BISECTION_STEPS 8
+
+static void encode_log(const state_t *s, int64_t block, int64_t block_size, int64_t valid,
+                       const float *x, const scratch_t *w) {
+    float *log_x = w->work;
+    float rank = ceilf(s->quantile * (float)valid);
+    rank = (rank < 1.0f ? 1.0f : rank) + (float)(block_size - valid);
+    f8 lane_top = splat8(0.0f), lane_high = splat8(-INFINITY), lane_small = splat8(INFINITY);
+    i8 lane_zeros = {0};
+    for (int64_t i = 0; i < block_size; ++i) log_x[i] = portable_log2(x[i]);
+    for (int64_t i = 0; i < block_size; i += 8) {
+        f8 v = load8(x + i);
+        lane_top = max8(v, lane_top);
+        lane_high = max8(load8(log_x + i), lane_high);
+        lane_small = select8((v > 0.0f) & (v < lane_small), v, lane_small);
+        lane_zeros -= v == 0.0f;
+    }
+    float top = lanes_max(lane_top, 0.0f), high = lanes_max(lane_high, -INFINITY);
+    float smallest_positive = INFINITY;
+    int32_t zeros = 0;
+    for (int j = 0; j < 8; ++j) {
+        smallest_positive = lane_small[j] < smallest_positive ? lane_small[j] : smallest_positive;
+        zeros += lane_zeros[j];
+    }
+    float low = isfinite(smallest_positive) ? portable_log2(smallest_positive) : high;
+    for (int k = 0; k < QUANTILE_BISECTION_STEPS; ++k) {
+        float middle = (low + high) / 2.0f;
+        i8 lane_count = {0};
+        for (int64_t i = 0; i < block_size; i += 8) lane_count -= load8(log_x + i) <= middle;
+        int32_t count = 0;
+        for (int j = 0; j < 8; ++j) count += lane_count[j];
+        if ((float)count >= rank) high = middle; else low = middle;
+    }
+    f8 lane_snap = splat8(0.0f);
+    for (int64_t i = 0; i < block_size; i += 8)
+        lane_snap = max8(select8(load8(log_x + i) <= high, load8(x + i), splat8(0.0f)), lane_snap);
+    float snapped = lanes_max(lane_snap, 0.0f);
+    float bottom = (float)zeros >= rank ? (isfinite(smallest_positive) ? smallest_positive : 0.0f)
+                                        : snapped;
+
+    int last = (1 << s->bits) - 1;
+    float log_top = portable_log2(top > 0.0f ? top : 1.0f);
+    float step = (log_top - portable_log2(top > 0.0f ? bottom : 1.0f)) / (float)last;
+    float divisor = step > 0.0f ? step : INFINITY;
+    uint32_t first = (uint32_t)(block * block_size);
+    for (int64_t i = 0; i < block_size; ++i) {
+        float log_value = x[i] < TINY ? -126.0f : log_x[i];
+        float exponent = (log_top - log_value) / divisor;
+        float offset = s->stochastic
+            ? (float)(mix32(first + (uint32_t)i + s->key) >> 8) * (1.0f / 16777216.0f) : 0.5f;
+        float code = floorf(exponent + offset);
+        w->codes[i] = (int32_t)(code < 0.0f ? 0.0f : (code > (float)last ? (float)last : code));
+    }
+    s->scales[2 * block] = top;
+    s->scales[2 * block + 1] = bottom;
+}
+
+static void encode_block(const state_t *s, int64_t block, int64_t block_size, int64_t valid,
+                         const float *x, const scratch_t *w) {
+    int64_t start = block * block_size;
+    if (s->kind == KIND_FLOAT) {
+        memcpy(s->values + start, x, (size_t)valid * sizeof(float));
+        return;
+    }
+    if (s->kind == KIND_CODEBOOK) encode_codebook(s, block, block_size, x, w);
+    else encode_log(s, block, block_size, valid, x, w);
+    pack_block(w->codes, s->bits, block_size, s->codes + start * s->bits / 8);
+}
+
+/* ------------------------------------------------------------------------------ the step */
+int adamw_step_blocks(int64_t numel, int64_t block_size, int64_t first_block, int64_t last_block,
+                      float *param, const float *grad, const state_t *m, const state_t *v,
+                      const adamw_scalars_t *c) {
+    if (block_size <= 0 || block_size % 8 || block_size > 65536) return 1;
+    float m_buf[block_size], v_buf[block_size], log_x[block_size];
+    int32_t codes[block_size], counts[block_size];
+    const scratch_t work = {log_x, codes, counts};
+    /* locals: stores to param may alias the struct's floats, which would block vectorizing */
+    const float w = c->lerp_weight, beta2 = c->beta2, one_minus_beta2 = c->one_minus_beta2;
+    const float bias_correction2_sqrt = c->bias_correction2_sqrt, eps = c->eps;
+    const float decay = c->decay, neg_step_size = c->neg_step_size;
+    const int maximize = c->maximize;
+    for (int64_t block = first_block; block < last_block; ++block) {
+        int64_t start = block * block_size;
+        int64_t valid = numel - start < block_size ? numel - start : block_size;
+        decode_block(m, block, block_size, valid, m_buf, codes);
+        decode_block(v, block, block_size, valid, v_buf, codes);
+        float *p = param + start;
+        const float *g_in = grad + start;
+        for (int64_t i = 0; i < valid; ++i) {
+            float g = maximize ? -g_in[i] : g_in[i];
+            float mi = m_buf[i];
+            mi = mi + (g - mi) * w;
+            float vi = v_buf[i] * beta2;
+            vi = vi + one_minus_beta2 * g * g;
+            float denom = sqrtf(vi) / bias_correction2_sqrt + eps;
+            p[i] = p[i] * decay + neg_step_size * mi / denom;
+            m_buf[i] = mi;
+            v_buf[i] = vi;
+        }
+        for (int64_t i = valid; i < block_size; ++i) m_buf[i] = v_buf[i] = 0.0f;
+        encode_block(m, block, block_size, valid, m_buf, &work);
+        encode_block(v, block, block_size, valid, v_buf, &work);
+    }
+    return 0;
+}

@@ -1,0 +1,151 @@
+"""``slimtrain bench``: optimizer step time, bytes moved and achieved bandwidth on this machine.
+
+Every configuration updates one (n/1024, 1024) float32 parameter with a fixed random gradient.
+After warm-up steps (the first includes any compilation, reported apart) the median of timed
+steps is reported with its ratio to ``torch.optim.AdamW(fused=True)`` measured in the same run.
+State bytes come from the storage of the optimizer's real tensors. Bytes moved per parameter is
+the traffic a step cannot avoid: read and write the parameter and each state, read the gradient
+(28 B for float32 AdamW). Achieved bandwidth is that traffic over the step time, also as a
+fraction of a copy's bandwidth measured in the same run.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+
+import slimtrain as st
+from slimtrain.optim import kernels
+
+COPY_NUMEL = 2**25  # 128 MiB per side: far beyond the caches
+
+
+@dataclass(frozen=True)
+class BenchResult:
+    """One configuration at one size. Times in milliseconds, bandwidths in GB/s (1e9 bytes)."""
+
+    name: str
+    numel: int
+    step_ms: float
+    ratio_to_fused: float
+    first_step_ms: float
+    state_bytes_per_param: float
+    bytes_moved_per_param: float
+    bandwidth_gbs: float
+    fraction_of_copy: float
+
+
+def peers() -> dict[str, Callable]:
+    """Optimizers of the installed peer libraries (none is a dependency of slimtrain)."""
+    found: dict[str, Callable] = {}
+    try:
+        from torchao.optim import AdamW4bit, AdamW8bit, AdamWFp8
+
+        found["torchao AdamW8bit"] = lambda p: AdamW8bit(p, lr=1e-3)
+        found["torchao AdamW4bit"] = lambda p: AdamW4bit(p, lr=1e-3)
+        found["torchao AdamWFp8"] = lambda p: AdamWFp8(p, lr=1e-3)
+    except ImportError:
+        pass
+    try:
+        from solo import AdamWQ  # the `solow` package
+
+        found["solow AdamWQ (4, 2)"] = lambda p: AdamWQ(p, lr=1e-3, bits=(4, 2))
+    except ImportError:
+        pass
+    try:
+        from optimi import AdamW as OptimiAdamW
+
+        found["torch-optimi AdamW"] = lambda p: OptimiAdamW(p, lr=1e-3)
+    except ImportError:
+        pass
+    try:
+        import bitsandbytes as bnb
+
+        found["bitsandbytes AdamW8bit"] = lambda p: bnb.optim.AdamW8bit(p, lr=1e-3)
+    except (ImportError, RuntimeError):
+        pass
+    return found
+
+
+def configurations() -> dict[str, Callable]:
+    """Name -> optimizer factory: torch's AdamW, slimtrain's configurations, installed peers."""
+    configs: dict[str, Callable] = {
+        "torch AdamW fused": lambda p: torch.optim.AdamW(p, lr=1e-3, fused=True),
+        "torch AdamW foreach": lambda p: torch.optim.AdamW(p, lr=1e-3, foreach=True),
+    }
+    for bits in [(32, 32), (8, 8), (4, 2), (3, 2), (2, 2)]:
+        configs[f"st.AdamW {bits}"] = lambda p, bits=bits: st.AdamW(p, lr=1e-3, state_bits=bits)
+    configs["st.AdamW (4, 2) eager"] = lambda p: st.AdamW(p, lr=1e-3, state_bits=(4, 2), compile=False)
+    return configs | peers()
+
+
+def copy_bandwidth(repeats: int = 5) -> float:
+    """GB/s of ``dst.copy_(src)`` on float32 tensors of COPY_NUMEL (bytes read plus written)."""
+    src, dst = torch.rand(COPY_NUMEL), torch.empty(COPY_NUMEL)
+    dst.copy_(src)
+    best = min(_seconds(lambda: dst.copy_(src)) for _ in range(repeats))
+    return 2 * 4 * COPY_NUMEL / best / 1e9
+
+
+def _seconds(action: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    action()
+    return time.perf_counter() - start
+
+
+def measure(name: str, make: Callable, numel: int, warmup: int, steps: int) -> dict:
+    """Step time, first-step time and traffic of one configuration (see the module docstring)."""
+    torch.manual_seed(0)
+    param = torch.nn.Parameter(torch.randn(numel // 1024, 1024))
+    param.grad = torch.randn_like(param) * 1e-2
+    optimizer = make([param])
+    first = _seconds(optimizer.step)
+    for _ in range(warmup - 1):
+        optimizer.step()
+    step = statistics.median(_seconds(optimizer.step) for _ in range(steps))
+    report = st.memory_report([param], optimizer)
+    state = report.per_parameter("optimizer_state")
+    moved = 3 * param.element_size() + 2 * state  # param read + written, gradient read, states
+    return dict(name=name, numel=param.numel(), step_ms=step * 1e3, first_step_ms=first * 1e3,
+                state_bytes_per_param=state, bytes_moved_per_param=moved,
+                bandwidth_gbs=moved * param.numel() / step / 1e9)
+
+
+def run_bench(sizes: list[int], steps: int = 5, warmup: int = 3, only: list[str] | None = None,
+              progress: Callable[[BenchResult], None] | None = None) -> dict:
+    """Measure every configuration (those whose name contains one of ``only``, plus the fused
+    baseline) at each size in ``sizes`` (elements, rounded down to a multiple of 1024)."""
+    configs = configurations()
+    if only:
+        configs = {k: v for k, v in configs.items()
+                   if k == "torch AdamW fused" or any(s in k for s in only)}
+    kernels.cpu_kernels()  # build (or load) the kernels before timing: reported as compile cost
+    copy = copy_bandwidth()
+    results = []
+    for size in sizes:
+        baseline = None
+        for name, make in configs.items():
+            row = measure(name, make, max(1024, size // 1024 * 1024), warmup, steps)
+            baseline = baseline or row["step_ms"]
+            result = BenchResult(**row, ratio_to_fused=row["step_ms"] / baseline,
+                                 fraction_of_copy=row["bandwidth_gbs"] / copy)
+            results.append(result)
+            if progress:
+                progress(result)
+    return dict(torch=torch.__version__, threads=torch.get_num_threads(), copy_bandwidth_gbs=copy,
+                kernel_compile_seconds=kernels.compile_seconds, results=[asdict(r) for r in results])
+
+
+BENCH_HEADER = (f"{'configuration':<26}{'params':>11}{'step ms':>10}{'x fused':>9}{'first ms':>10}"
+                f"{'state B/p':>11}{'moved B/p':>11}{'GB/s':>8}{'of copy':>9}")
+
+
+def format_row(r: BenchResult) -> str:
+    """One line of the bench table (see BENCH_HEADER)."""
+    return (f"{r.name:<26}{r.numel:>11,}{r.step_ms:>10.1f}{r.ratio_to_fused:>9.2f}{r.first_step_ms:>10.0f}"
+            f"{r.state_bytes_per_param:>11.3f}{r.bytes_moved_per_param:>11.2f}{r.bandwidth_gbs:>8.1f}"
+            f"{r.fraction_of_copy:>9.0%}")
