@@ -60,3 +60,48 @@ def test_threads_split_blocks_without_changing_results():
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(single, several)
+
+
+def run_float8(fused: bool, shape, fmt: str = "fp8_e4m3", steps: int = 4, **options):
+    torch.manual_seed(0)
+    weight = st.QuantizedWeight.from_float(torch.randn(shape) * 0.05, st.WeightFormat(fmt, "row"))
+    param = torch.nn.Parameter(weight)
+    generator = torch.Generator().manual_seed(3)
+    opt = st.AdamW([param], lr=1e-2, seed=1, compile=fused, min_quantized_numel=0, **options)
+    for _ in range(steps):
+        param.grad = torch.randn(shape, generator=generator) * 0.1
+        opt.step()
+    return param, opt.state[param]
+
+
+FLOAT8_CONFIGURATIONS = [
+    dict(state_bits=(4, 2), rounding="stochastic"),  # the slim recipe
+    dict(state_bits=(4, 2), rounding="nearest"),
+    dict(state_bits=(32, 32), rounding="stochastic"),  # eco-sr
+    dict(state_bits=(2, 2), weight_update="naive", rounding="nearest"),
+    dict(state_bits=(8, 3), weight_update="naive", rounding="stochastic", maximize=True),
+    dict(state_bits=(4, 2), fmt="fp8_e5m2", weight_decay=0.5),
+    dict(state_bits=(4, 2), block_size=32),
+]
+
+
+@pytest.mark.parametrize("options", FLOAT8_CONFIGURATIONS, ids=str)
+@pytest.mark.parametrize("shape", [(64, 256), (77, 192), (5, 1000)])
+def test_float8_weight_kernel_and_eager_agree_bit_for_bit(options, shape):
+    """Rows of 192 or 1000 elements: state blocks of 128 span rows (units of whole rows and blocks)."""
+    options = dict(options)
+    fmt = options.pop("fmt", "fp8_e4m3")
+    fused, fused_state = run_float8(True, shape, fmt, **options)
+    eager, eager_state = run_float8(False, shape, fmt, **options)
+    assert torch.equal(fused.codes.view(torch.uint8), eager.codes.view(torch.uint8))
+    assert torch.equal(fused.scales, eager.scales)
+    for key in fused_state:
+        assert torch.equal(fused_state[key], eager_state[key]), key
+
+
+def test_float8_kernel_is_the_path_taken(monkeypatch):
+    """The fused step must not fall back to eager code for the slim recipe's weights."""
+    calls, original = [], kernels.float8_args
+    monkeypatch.setattr(kernels, "float8_args", lambda *a: calls.append(a) or original(*a))
+    run_float8(True, (77, 192), steps=2, state_bits=(4, 2), rounding="stochastic")
+    assert len(calls) == 2

@@ -244,7 +244,7 @@ def test_bench_prints_ratios_and_writes_json(tmp_path, capsys):
     low_bit = rows["st.AdamW (4, 2)"]
     assert low_bit["numel"] == 65536 and low_bit["state_bytes_per_param"] < 0.9
     assert low_bit["bytes_moved_per_param"] == pytest.approx(12 + 2 * low_bit["state_bytes_per_param"])
-    assert 0 < low_bit["fraction_of_copy"] and report["copy_bandwidth_gbs"] > 0
+    assert low_bit["fraction_of_copy"] > 0 and report["copy_bandwidth_gbs"] > 0
 
 
 @pytest.mark.parametrize("size, message", [("12", "at least 1024"), ("lots", "not a size")])

@@ -12,6 +12,7 @@ from slimtrain.optim.base import LowBitOptimizer, as_pair, check_adam_options, c
 from slimtrain.optim.functional import adam_denominator, adam_step_scalars, adamw_update_
 from slimtrain.optim.state import SIGNED_MAPS, STATE_BITS, UNSIGNED_MAPS, StateFormat, scaled_beta
 from slimtrain.quant import ROUNDING_MODES
+from slimtrain.weights.tensor import QuantizedWeight, is_low_precision
 
 BETA1_POLICIES = ("scaled", "fixed")
 
@@ -120,13 +121,22 @@ class AdamW(LowBitOptimizer):
 
     def _fused_step(
         self, param: torch.Tensor, formats: dict[str, StateFormat], state: dict,
-        scalars: dict[str, Any], seeds: dict[str, int | None], maximize: bool,
+        scalars: dict[str, Any], seeds: dict[str, int | None], options: tuple[bool, str | None],
+        weight_seed: int | None,
     ) -> bool:
-        """The step of a float32 CPU parameter in the C kernel (same bits as the eager step)."""
+        """The step of a CPU parameter in the C kernel (same bits as the eager step): a float32
+        tensor, or a float8 QuantizedWeight with row scales updated without a master copy."""
+        maximize, weight_update = options
         grad = param.grad
-        if (param.device.type != "cpu" or param.dtype != torch.float32 or grad.dtype != torch.float32
-                or not param.is_contiguous() or set(formats) != {"exp_avg", "exp_avg_sq"}
+        if (param.device.type != "cpu" or grad.dtype != torch.float32
+                or set(formats) != {"exp_avg", "exp_avg_sq"}
                 or not all(kernels.supported(f) for f in formats.values())):
+            return False
+        block_size = formats["exp_avg"].block_size
+        float8 = isinstance(param, QuantizedWeight) and kernels.float8_supported(
+            param.format, param.shape, block_size, weight_update)
+        if not float8 and (param.dtype != torch.float32 or not param.is_contiguous()
+                           or is_low_precision(param)):
             return False
         library = kernels.cpu_kernels()
         if library is None:
@@ -134,19 +144,27 @@ class AdamW(LowBitOptimizer):
         keep_alive = [grad := grad.contiguous()]
         m, v = (kernels.state_args(state, name, formats[name], seeds[name], keep_alive)
                 for name in ("exp_avg", "exp_avg_sq"))
-        constants = kernels.AdamWScalars(
+        constants = ctypes.byref(kernels.AdamWScalars(
             decay=scalars["decay"], lerp_weight=1 - scalars["beta1"], beta2=scalars["beta2"],
             one_minus_beta2=1 - scalars["beta2"], eps=scalars["eps"],
-            bias_correction2_sqrt=scalars["bias_correction2_sqrt"],
+            inverse_bias_correction2_sqrt=1 / scalars["bias_correction2_sqrt"],
             neg_step_size=-scalars["step_size"], maximize=int(maximize),
-        )
-        kernels.run_blocks(library.adamw_step_blocks, param.numel(), formats["exp_avg"].block_size,
-                           param.data_ptr(), grad.data_ptr(), ctypes.byref(m), ctypes.byref(v),
-                           ctypes.byref(constants))
+        ))
+        if float8:
+            weight = kernels.float8_args(param, weight_seed, weight_update == "eco", scalars["eco_scale"],
+                                         keep_alive)
+            rows, cols = param.shape
+            per_unit = kernels.rows_per_unit(cols, block_size)
+            kernels.run_blocks(library.adamw_step_float8_rows, per_unit, block_size,
+                               ctypes.byref(weight), grad.data_ptr(), ctypes.byref(m), ctypes.byref(v),
+                               constants, units=-(-rows // per_unit))
+        else:
+            kernels.run_blocks(library.adamw_step_blocks, param.numel(), block_size, param.data_ptr(),
+                               grad.data_ptr(), ctypes.byref(m), ctypes.byref(v), constants)
         return True
 
     def _scalars(
-        self, group: dict[str, Any], formats: dict[str, StateFormat], step: float
+        self, group: dict[str, Any], formats: dict[str, StateFormat], step: float, low_precision: bool
     ) -> dict[str, Any]:
         lr, decay = group["lr"], 1 - group["lr"] * group["weight_decay"]
         beta1, beta2 = self.effective_beta1(group, formats["exp_avg"]), group["betas"][1]
@@ -158,6 +176,6 @@ class AdamW(LowBitOptimizer):
         return dict(
             decay=decay, beta1=beta1, beta2=beta2, eps=group["eps"], step_size=step_size,
             bias_correction2_sqrt=bias_correction2_sqrt, eco_scale=eco_scale,
-            # quantized states: the update the C kernel reproduces (32-bit ones: torch.optim's)
-            reproducible=any(f.quantized for f in formats.values()),
+            # what the C kernel reproduces; float32 weights with 32-bit states: torch.optim's update
+            reproducible=low_precision or any(f.quantized for f in formats.values()),
         )

@@ -193,15 +193,16 @@ class LowBitOptimizer(torch.optim.Optimizer):
         if first:
             self._init_states(state, formats, param)
         state["step"] += 1
-        scalars = self._scalars(group, formats, state["step"].item())
-        seeds = {name: self._seed(fmt.quantized and fmt.stochastic) for name, fmt in formats.items()}
         low_precision = is_low_precision(param)
+        scalars = self._scalars(group, formats, state["step"].item(), low_precision)
+        seeds = {name: self._seed(fmt.quantized and fmt.stochastic) for name, fmt in formats.items()}
         weight_seed = self._seed(low_precision and group["rounding"] == "stochastic")
         options = (group["maximize"], group["weight_update"] if low_precision else None)
-        compiled = (group["compile"] and not low_precision
-                    and any(f.quantized for f in formats.values()))
-        if compiled and self._fused_step(param, formats, state, scalars, seeds, group["maximize"]):
+        quantized_states = any(f.quantized for f in formats.values())
+        fused = group["compile"] and (quantized_states or low_precision)
+        if fused and self._fused_step(param, formats, state, scalars, seeds, options, weight_seed):
             return
+        compiled = fused and quantized_states and not low_precision  # torch.compile
         if compiled:  # tensors, so that a compiled step does not specialize on their values
             scalars = {k: v if isinstance(v, bool) else torch.tensor(v, dtype=torch.float32,
                                                                      device=param.device)
@@ -232,16 +233,18 @@ class LowBitOptimizer(torch.optim.Optimizer):
 
     def _fused_step(
         self, param: torch.Tensor, formats: dict[str, StateFormat], state: dict,
-        scalars: dict[str, Any], seeds: dict[str, int | None], maximize: bool,
+        scalars: dict[str, Any], seeds: dict[str, int | None], options: tuple[bool, str | None],
+        weight_seed: int | None,
     ) -> bool:
-        """Run this step of float32 ``param`` in a hand-written kernel, if one covers it; return
-        whether it did (subclasses with a kernel override this)."""
+        """Run this step of ``param`` in a hand-written kernel, if one covers it; return whether
+        it did (subclasses with a kernel override this). Arguments as for :func:`step_chunk_`."""
         return False
 
     def _scalars(
-        self, group: dict[str, Any], formats: dict[str, StateFormat], step: float
+        self, group: dict[str, Any], formats: dict[str, StateFormat], step: float, low_precision: bool
     ) -> dict[str, Any]:
-        """The scalar arguments of the rules for this step (floats or bools)."""
+        """The scalar arguments of the rules for this step (floats or bools) of a parameter kept
+        in ``formats`` (``low_precision``: stored below float32)."""
         raise NotImplementedError
 
     # ------------------------------------------------------------------------- state_dict

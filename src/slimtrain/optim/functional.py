@@ -41,10 +41,11 @@ def adamw_update_(
 
 def adam_denominator(exp_avg_sq: torch.Tensor, bias_correction2_sqrt: Scalar, eps: Scalar,
                      reproducible: bool = False) -> torch.Tensor:
-    """sqrt(v) / sqrt(1 - beta2^t) + eps, a new float32 tensor (square root correctly rounded,
-    through float64, when ``reproducible``)."""
-    root = exp_avg_sq.double().sqrt().float() if reproducible else exp_avg_sq.sqrt()
-    return (root / bias_correction2_sqrt).add_(eps)
+    """sqrt(v) / sqrt(1 - beta2^t) + eps, a new float32 tensor. ``reproducible``: the square
+    root correctly rounded (through float64) and multiplied by the reciprocal of the correction."""
+    if reproducible:
+        return (exp_avg_sq.double().sqrt().float() * (1 / bias_correction2_sqrt)).add_(eps)
+    return (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
 
 
 def _addcmul_(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, value: Scalar) -> torch.Tensor:

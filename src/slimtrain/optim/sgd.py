@@ -88,7 +88,7 @@ class SGD(LowBitOptimizer):
     rules = (sgd_rule, sgd_eco_injection)
 
     def _scalars(
-        self, group: dict[str, Any], formats: dict[str, StateFormat], step: float
+        self, group: dict[str, Any], formats: dict[str, StateFormat], step: float, low_precision: bool
     ) -> dict[str, Any]:
         keys = ("lr", "momentum", "dampening", "weight_decay", "nesterov")
         eco = group["weight_update"] == "eco" and group["lr"] > 0 and group["momentum"] > 0

@@ -52,7 +52,7 @@ def quantize_absmax(
     """
     blocks = to_blocks(x, block_size)
     scales = blocks.abs().amax(dim=1)
-    normalized = blocks / torch.where(scales > 0, scales, 1.0)[:, None]
+    normalized = blocks * (1.0 / torch.where(scales > 0, scales, 1.0))[:, None]  # one division a block
     levels = codebook(kind, bits, signed, blocks.device)
     codes = round_to_codebook(normalized, levels, _noise_like(blocks, seed, noise_start))
     return pack(codes, bits), scales
@@ -129,9 +129,8 @@ def quantize_log(
     last = 2**bits - 1
     log_top = log2(torch.where(top > 0, top, 1.0))
     step = (log_top - log2(torch.where(top > 0, bottom, 1.0))) / last  # log2 units per level
-    exponent = (log_top[:, None] - log2(blocks.clamp(min=_TINY))) / torch.where(
-        step > 0, step, torch.inf
-    )[:, None]
+    levels_per_octave = torch.where(step > 0, 1.0 / step, 0.0)
+    exponent = (log_top[:, None] - log2(blocks.clamp(min=_TINY))) * levels_per_octave[:, None]
     codes = round_stochastic(exponent, _noise_like(blocks, seed, noise_start)).clamp(0, last)
     return pack(codes.to(torch.uint8), bits), torch.stack([top, bottom], dim=1)
 

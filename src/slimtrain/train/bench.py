@@ -1,11 +1,12 @@
 """``slimtrain bench``: optimizer step time, bytes moved and achieved bandwidth on this machine.
 
-Every configuration updates one (n/1024, 1024) float32 parameter with a fixed random gradient.
+Every configuration updates one (n/1024, 1024) parameter (float32, or FP8 E4M3 with row scales
+for the "FP8 + ECO" configurations) with a fixed random gradient.
 After warm-up steps (the first includes any compilation, reported apart) the median of timed
 steps is reported with its ratio to ``torch.optim.AdamW(fused=True)`` measured in the same run.
 State bytes come from the storage of the optimizer's real tensors. Bytes moved per parameter is
-the traffic a step cannot avoid: read and write the parameter and each state, read the gradient
-(28 B for float32 AdamW). Achieved bandwidth is that traffic over the step time, also as a
+the traffic a step cannot avoid: read and write the parameter's storage and each state, read the
+float32 gradient (28 B for float32 AdamW, about 8 for FP8 weights with 4/2-bit states). Achieved bandwidth is that traffic over the step time, also as a
 fraction of a copy's bandwidth measured in the same run.
 """
 
@@ -80,7 +81,13 @@ def configurations() -> dict[str, Callable]:
     for bits in [(32, 32), (8, 8), (4, 2), (3, 2), (2, 2)]:
         configs[f"st.AdamW {bits}"] = lambda p, bits=bits: st.AdamW(p, lr=1e-3, state_bits=bits)
     configs["st.AdamW (4, 2) eager"] = lambda p: st.AdamW(p, lr=1e-3, state_bits=(4, 2), compile=False)
+    for bits in [(32, 32), (4, 2)]:
+        configs[f"{FLOAT8_PREFIX}{bits}"] = lambda p, bits=bits: st.AdamW(
+            p, lr=1e-3, state_bits=bits, weight_update="eco", rounding="stochastic")
     return configs | peers()
+
+
+FLOAT8_PREFIX = "st.AdamW FP8 + ECO (SR) "  # configurations whose parameter is an FP8 QuantizedWeight
 
 
 def copy_bandwidth(repeats: int = 5) -> float:
@@ -100,8 +107,11 @@ def _seconds(action: Callable[[], object]) -> float:
 def measure(name: str, make: Callable, numel: int, warmup: int, steps: int) -> dict:
     """Step time, first-step time and traffic of one configuration (see the module docstring)."""
     torch.manual_seed(0)
-    param = torch.nn.Parameter(torch.randn(numel // 1024, 1024))
-    param.grad = torch.randn_like(param) * 1e-2
+    weight = torch.randn(numel // 1024, 1024)
+    if name.startswith(FLOAT8_PREFIX):
+        weight = st.QuantizedWeight.from_float(weight, st.WeightFormat("fp8_e4m3", "row"))
+    param = torch.nn.Parameter(weight)
+    param.grad = torch.randn(param.shape) * 1e-2
     optimizer = make([param])
     first = _seconds(optimizer.step)
     for _ in range(warmup - 1):
@@ -109,7 +119,8 @@ def measure(name: str, make: Callable, numel: int, warmup: int, steps: int) -> d
     step = statistics.median(_seconds(optimizer.step) for _ in range(steps))
     report = st.memory_report([param], optimizer)
     state = report.per_parameter("optimizer_state")
-    moved = 3 * param.element_size() + 2 * state  # param read + written, gradient read, states
+    stored = report.per_parameter("parameters")
+    moved = 2 * stored + param.grad.element_size() + 2 * state  # param and states read + written
     return dict(name=name, numel=param.numel(), step_ms=step * 1e3, first_step_ms=first * 1e3,
                 state_bytes_per_param=state, bytes_moved_per_param=moved,
                 bandwidth_gbs=moved * param.numel() / step / 1e9)

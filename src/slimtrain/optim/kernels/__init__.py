@@ -9,7 +9,9 @@ code (one warning says why).
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
+import math
 import os
 import platform
 import shutil
@@ -27,7 +29,9 @@ import torch
 from slimtrain.optim.state import StateFormat
 from slimtrain.paths import cache_dir
 from slimtrain.quant import codebook
+from slimtrain.quant.formats import format_max
 from slimtrain.quant.rounding import noise_key
+from slimtrain.weights.tensor import QuantizedWeight, WeightFormat
 
 SOURCE = Path(__file__).with_name("adamw_cpu.c")
 # -ffp-contract=off: no fused multiply-add, so that every operation rounds as the eager step's does;
@@ -114,7 +118,7 @@ class AdamWScalars(ctypes.Structure):
     _fields_ = [
         ("decay", ctypes.c_float), ("lerp_weight", ctypes.c_float), ("beta2", ctypes.c_float),
         ("one_minus_beta2", ctypes.c_float), ("eps", ctypes.c_float),
-        ("bias_correction2_sqrt", ctypes.c_float), ("neg_step_size", ctypes.c_float),
+        ("inverse_bias_correction2_sqrt", ctypes.c_float), ("neg_step_size", ctypes.c_float),
         ("maximize", ctypes.c_int32),
     ]
 
@@ -125,6 +129,12 @@ def _declare(library: ctypes.CDLL) -> None:
         ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
         ctypes.c_void_p, ctypes.POINTER(StateArgs), ctypes.POINTER(StateArgs),
         ctypes.POINTER(AdamWScalars),
+    ]
+    library.adamw_step_float8_rows.restype = ctypes.c_int
+    library.adamw_step_float8_rows.argtypes = [
+        ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+        ctypes.POINTER(Float8WeightArgs), ctypes.c_void_p, ctypes.POINTER(StateArgs),
+        ctypes.POINTER(StateArgs), ctypes.POINTER(AdamWScalars),
     ]
 
 
@@ -152,18 +162,73 @@ def supported(fmt: StateFormat) -> bool:
     return fmt.bits == 32 or fmt.quantized
 
 
+class Float8WeightArgs(ctypes.Structure):
+    """Mirror of ``float8_weight_t`` in adamw_cpu.c."""
+
+    _fields_ = [
+        ("rows", ctypes.c_int64), ("cols", ctypes.c_int64), ("mantissa_bits", ctypes.c_int32),
+        ("exponent_bias", ctypes.c_int32), ("max", ctypes.c_float),
+        ("stochastic", ctypes.c_int32), ("key", ctypes.c_uint32), ("eco", ctypes.c_int32),
+        ("eco_scale", ctypes.c_float), ("codes", ctypes.c_void_p), ("scales", ctypes.c_void_p),
+        ("table", ctypes.c_void_p),
+    ]
+
+
+FLOAT8_LAYOUTS = {"fp8_e4m3": (torch.float8_e4m3fn, 3, 7), "fp8_e5m2": (torch.float8_e5m2, 2, 15)}
+MAX_UNIT = 2**20  # elements of the kernel's unit of work: whole rows and whole state blocks
+
+
+def rows_per_unit(cols: int, block_size: int) -> int:
+    """Rows of the smallest run of whole rows that is also a run of whole blocks."""
+    return math.lcm(cols, block_size) // cols
+
+
+def float8_supported(format: WeightFormat, shape: torch.Size, block_size: int,
+                     weight_update: str | None) -> bool:
+    """Whether the kernel updates a weight of ``format`` and ``shape``: float8 with row scales,
+    "eco" or "naive" updates, units of whole rows and blocks of at most MAX_UNIT elements."""
+    return (format.fmt in FLOAT8_LAYOUTS and format.granularity == "row" and len(shape) == 2
+            and math.lcm(shape[1], block_size) <= MAX_UNIT and weight_update in ("eco", "naive"))
+
+
+@functools.cache
+def _float8_table(fmt: str) -> torch.Tensor:
+    """The 256 float32 values of the codes of ``fmt``, as torch decodes them."""
+    return torch.arange(256, dtype=torch.uint8).view(FLOAT8_LAYOUTS[fmt][0]).float()
+
+
+def float8_args(weight: QuantizedWeight, seed: int | None, eco: bool, eco_scale: float,
+                keep_alive: list) -> Float8WeightArgs:
+    """The ``float8_weight_t`` of a float8 QuantizedWeight (``seed``: stochastic rounding)."""
+    fmt = weight.format.fmt
+    _, mantissa_bits, bias = FLOAT8_LAYOUTS[fmt]
+    table = _float8_table(fmt)
+    keep_alive.append(table)
+    return Float8WeightArgs(
+        rows=weight.shape[0], cols=weight.shape[1], mantissa_bits=mantissa_bits, exponent_bias=bias,
+        max=format_max(fmt),
+        stochastic=int(seed is not None), key=0 if seed is None else noise_key(seed), eco=int(eco),
+        eco_scale=eco_scale, codes=weight.codes.data_ptr(), scales=weight.scales.data_ptr(),
+        table=table.data_ptr(),
+    )
+
+
 _pool: ThreadPoolExecutor | None = None
 MIN_BLOCKS_PER_THREAD = 64
 
 
-def run_blocks(kernel: Callable[..., int], numel: int, block_size: int, *args: Any) -> None:
-    """Call ``kernel(numel, block_size, first_block, last_block, *args)`` over all blocks, split
-    across ``torch.get_num_threads()`` threads (ctypes releases the GIL during each call)."""
+def run_blocks(kernel: Callable[..., int], size: int, block_size: int, *args: Any,
+               units: int | None = None) -> None:
+    """Call ``kernel(size, block_size, first, last, *args)`` over the blocks of a tensor of
+    ``size`` elements, or over ``units`` units of ``size`` elements (float8 rows: ``size`` is
+    then rows per unit), split across ``torch.get_num_threads()`` threads; ctypes releases the
+    GIL during each call."""
     global _pool
-    blocks = -(-numel // block_size)
-    threads = max(1, min(torch.get_num_threads(), blocks // MIN_BLOCKS_PER_THREAD))
-    bounds = [blocks * i // threads for i in range(threads + 1)]
-    calls = [(numel, block_size, bounds[i], bounds[i + 1], *args) for i in range(threads)]
+    blocks = -(-size // block_size) if units is None else units * size // block_size
+    units = -(-size // block_size) if units is None else units
+    threads = max(1, min(torch.get_num_threads(), blocks // MIN_BLOCKS_PER_THREAD, units))
+    bounds = [units * i // threads for i in range(threads + 1)]
+    calls = [(size, block_size, bounds[i], bounds[i + 1], *args) for i in range(threads)]
     if threads > 1:
         if _pool is None or _pool._max_workers < threads - 1:
             _pool = ThreadPoolExecutor(max_workers=threads - 1, thread_name_prefix="slimtrain")
@@ -172,4 +237,5 @@ def run_blocks(kernel: Callable[..., int], numel: int, block_size: int, *args: A
     else:
         statuses = [kernel(*calls[0])]
     if any(statuses):
-        raise ValueError(f"kernel rejected block_size={block_size} (a multiple of 8 up to 65536)")
+        raise ValueError(f"kernel rejected block_size={block_size}: a multiple of 8 up to 65536 "
+                         "(that divides the rows of a float8 weight)")

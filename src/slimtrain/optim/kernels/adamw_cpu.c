@@ -9,6 +9,7 @@
  */
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 enum { KIND_FLOAT = 0, KIND_CODEBOOK = 1, KIND_LOG = 2 };
@@ -27,7 +28,7 @@ typedef struct {
 } state_t;
 
 typedef struct {
-    float decay, lerp_weight, beta2, one_minus_beta2, eps, bias_correction2_sqrt, neg_step_size;
+    float decay, lerp_weight, beta2, one_minus_beta2, eps, inverse_bias_correction2_sqrt, neg_step_size;
     int32_t maximize;
 } adamw_scalars_t;
 
@@ -139,10 +140,20 @@ static void unpack_block(const uint8_t *src, int bits, int64_t count, int32_t *c
 }
 
 static void pack_block(const int32_t *codes, int bits, int64_t count, uint8_t *dst) {
-    switch (bits) {
-        GROUP_LOOP(2, PACK_GROUP) GROUP_LOOP(3, PACK_GROUP) GROUP_LOOP(4, PACK_GROUP)
-        GROUP_LOOP(5, PACK_GROUP) GROUP_LOOP(6, PACK_GROUP) GROUP_LOOP(7, PACK_GROUP)
-        GROUP_LOOP(8, PACK_GROUP)
+    switch (bits) { /* whole bytes of 2, 4 or 8 codes: byte loops that vectorize */
+        case 2:
+            for (int64_t b = 0; b < count / 4; ++b)
+                dst[b] = (uint8_t)(codes[4 * b] | codes[4 * b + 1] << 2 | codes[4 * b + 2] << 4
+                                   | codes[4 * b + 3] << 6);
+            return;
+        case 4:
+            for (int64_t b = 0; b < count / 2; ++b) dst[b] = (uint8_t)(codes[2 * b] | codes[2 * b + 1] << 4);
+            return;
+        case 8:
+            for (int64_t i = 0; i < count; ++i) dst[i] = (uint8_t)codes[i];
+            return;
+        GROUP_LOOP(3, PACK_GROUP) GROUP_LOOP(5, PACK_GROUP) GROUP_LOOP(6, PACK_GROUP)
+        GROUP_LOOP(7, PACK_GROUP)
     }
 }
 
@@ -230,9 +241,9 @@ static void encode_codebook(const state_t *s, int64_t block, int64_t block_size,
     for (int64_t i = 0; i < block_size; i += 8)
         lane_max = max8((f8)((i8)load8(x + i) & 0x7FFFFFFF), lane_max); /* |x| */
     float absmax = lanes_max(lane_max, 0.0f);
-    float divisor = absmax > 0.0f ? absmax : 1.0f;
+    float inverse = 1.0f / (absmax > 0.0f ? absmax : 1.0f);
     float *y = w->work;
-    for (int64_t i = 0; i < block_size; ++i) y[i] = x[i] / divisor;
+    for (int64_t i = 0; i < block_size; ++i) y[i] = x[i] * inverse;
     if (!s->stochastic) {
         count_below(s->mids, n - 1, y, block_size, 0, w->codes);
     } else {
@@ -293,11 +304,11 @@ static void encode_log(const state_t *s, int64_t block, int64_t block_size, int6
     int last = (1 << s->bits) - 1;
     float log_top = portable_log2(top > 0.0f ? top : 1.0f);
     float step = (log_top - portable_log2(top > 0.0f ? bottom : 1.0f)) / (float)last;
-    float divisor = step > 0.0f ? step : INFINITY;
+    float levels_per_octave = step > 0.0f ? 1.0f / step : 0.0f;
     uint32_t first = (uint32_t)(block * block_size);
     for (int64_t i = 0; i < block_size; ++i) {
         float log_value = x[i] < TINY ? -126.0f : log_x[i];
-        float exponent = (log_top - log_value) / divisor;
+        float exponent = (log_top - log_value) * levels_per_octave;
         float offset = s->stochastic
             ? (float)(mix32(first + (uint32_t)i + s->key) >> 8) * (1.0f / 16777216.0f) : 0.5f;
         float code = floorf(exponent + offset);
@@ -319,7 +330,87 @@ static void encode_block(const state_t *s, int64_t block, int64_t block_size, in
     pack_block(w->codes, s->bits, block_size, s->codes + start * s->bits / 8);
 }
 
+/* ------------------------------------------------------------------- float8 weights */
+typedef struct {
+    int64_t rows, cols;     /* the weight's shape */
+    int32_t mantissa_bits;  /* 3 (E4M3) or 2 (E5M2) */
+    int32_t exponent_bias;  /* 7 or 15 */
+    float max;              /* largest finite magnitude: 448 or 57344 */
+    int32_t stochastic;     /* stochastic rounding (else nearest) */
+    uint32_t key;           /* mix32(seed) of the rounding noise, indexed by flat element */
+    int32_t eco;            /* feed the rounding error back into m (ECO), else drop it */
+    float eco_scale;        /* ECO's factor: (1 - beta1^t) / lr * (1 - 1/beta1) [* decay] */
+    uint8_t *codes;         /* (rows, cols) float8 codes */
+    float *scales;          /* (rows,) absmax / max */
+    const float *table;     /* the 256 float8 values, as torch decodes them */
+} float8_weight_t;
+
+/* nearest float8 code of |y| <= max, ties to even: the sign bit plus the magnitude bits */
+static inline uint8_t float8_nearest(float y, const float8_weight_t *f) {
+    uint32_t bits = float_bits(y), sign = (bits >> 24) & 0x80;
+    float a = fabsf(y);
+    int shift = 23 - f->mantissa_bits;
+    float smallest_normal = power_of_two(1 - f->exponent_bias);
+    uint32_t magnitude;
+    if (a < smallest_normal) { /* subnormal codes: multiples of the smallest subnormal */
+        float units = a * power_of_two(f->exponent_bias - 1 + f->mantissa_bits);
+        magnitude = (uint32_t)nearbyintf(units);
+    } else {
+        uint32_t b = float_bits(a);
+        b += ((1u << shift) >> 1) - 1 + ((b >> shift) & 1); /* round to nearest, ties to even */
+        magnitude = (b >> shift) - ((uint32_t)(127 - f->exponent_bias) << f->mantissa_bits);
+    }
+    return (uint8_t)(sign | magnitude);
+}
+
+/* slimtrain.quant.formats._float8_stochastic for one element */
+static inline uint8_t float8_stochastic(float y, float noise, const float8_weight_t *f) {
+    uint8_t nearest = float8_nearest(y, f);
+    float near = f->table[nearest];
+    int magnitude = nearest & 0x7F, sign = nearest & 0x80;
+    int away = fabsf(near) < fabsf(y) || near == 0.0f;
+    int other_magnitude = away ? magnitude + 1 : magnitude - 1;
+    other_magnitude = other_magnitude < 0 ? 0 : (other_magnitude > 0x7F ? 0x7F : other_magnitude);
+    uint8_t other_code = (uint8_t)(other_magnitude | sign);
+    float other = f->table[other_code];
+    int usable = isfinite(other) && fabsf(other) <= f->max;
+    other_code = usable ? other_code : nearest;
+    other = usable ? other : near;
+    float gap = fabsf(other - near);
+    float p_other = gap > 0.0f ? fabsf(y - near) / (gap > 0.0f ? gap : 1.0f) : 0.0f;
+    return noise < p_other ? other_code : nearest;
+}
+
 /* ------------------------------------------------------------------------------ the step */
+typedef struct {
+    float w, beta2, one_minus_beta2, inverse_correction, eps, decay, neg_step_size;
+    int maximize;
+} update_constants_t;
+
+static update_constants_t constants_of(const adamw_scalars_t *c) {
+    update_constants_t k = {c->lerp_weight, c->beta2, c->one_minus_beta2,
+                            c->inverse_bias_correction2_sqrt, c->eps, c->decay, c->neg_step_size,
+                            c->maximize};
+    return k;
+}
+
+/* the AdamW rule of slimtrain.optim.functional.adamw_update_(reproducible=True) on `count`
+ * elements; p, m, v are private buffers or the parameter itself (no aliasing between them) */
+static inline void adamw_update(float *restrict p, const float *restrict grad, float *restrict m,
+                                float *restrict v, int64_t count, update_constants_t k) {
+    for (int64_t i = 0; i < count; ++i) {
+        float g = k.maximize ? -grad[i] : grad[i];
+        float mi = m[i];
+        mi = mi + (g - mi) * k.w;
+        float vi = v[i] * k.beta2;
+        vi = vi + k.one_minus_beta2 * g * g;
+        float denom = sqrtf(vi) * k.inverse_correction + k.eps;
+        p[i] = p[i] * k.decay + k.neg_step_size * mi / denom;
+        m[i] = mi;
+        v[i] = vi;
+    }
+}
+
 int adamw_step_blocks(int64_t numel, int64_t block_size, int64_t first_block, int64_t last_block,
                       float *param, const float *grad, const state_t *m, const state_t *v,
                       const adamw_scalars_t *c) {
@@ -327,32 +418,79 @@ int adamw_step_blocks(int64_t numel, int64_t block_size, int64_t first_block, in
     float m_buf[block_size], v_buf[block_size], log_x[block_size];
     int32_t codes[block_size], counts[block_size];
     const scratch_t work = {log_x, codes, counts};
-    /* locals: stores to param may alias the struct's floats, which would block vectorizing */
-    const float w = c->lerp_weight, beta2 = c->beta2, one_minus_beta2 = c->one_minus_beta2;
-    const float bias_correction2_sqrt = c->bias_correction2_sqrt, eps = c->eps;
-    const float decay = c->decay, neg_step_size = c->neg_step_size;
-    const int maximize = c->maximize;
+    const update_constants_t k = constants_of(c);
     for (int64_t block = first_block; block < last_block; ++block) {
         int64_t start = block * block_size;
         int64_t valid = numel - start < block_size ? numel - start : block_size;
         decode_block(m, block, block_size, valid, m_buf, codes);
         decode_block(v, block, block_size, valid, v_buf, codes);
-        float *p = param + start;
-        const float *g_in = grad + start;
-        for (int64_t i = 0; i < valid; ++i) {
-            float g = maximize ? -g_in[i] : g_in[i];
-            float mi = m_buf[i];
-            mi = mi + (g - mi) * w;
-            float vi = v_buf[i] * beta2;
-            vi = vi + one_minus_beta2 * g * g;
-            float denom = sqrtf(vi) / bias_correction2_sqrt + eps;
-            p[i] = p[i] * decay + neg_step_size * mi / denom;
-            m_buf[i] = mi;
-            v_buf[i] = vi;
-        }
+        adamw_update(param + start, grad + start, m_buf, v_buf, valid, k);
         for (int64_t i = valid; i < block_size; ++i) m_buf[i] = v_buf[i] = 0.0f;
         encode_block(m, block, block_size, valid, m_buf, &work);
         encode_block(v, block, block_size, valid, v_buf, &work);
     }
+    return 0;
+}
+
+/* The step of a (rows, cols) weight stored in float8 with one scale per row, in units of
+ * rows_per_unit rows (a whole number of rows and of state blocks: lcm(cols, block_size) elements,
+ * the last unit possibly shorter). Each row is decoded, updated, re-quantized with its new absmax
+ * (the rounding error fed back into m under ECO) and the unit's state blocks encoded, as
+ * slimtrain.optim.base.step_chunk_ does for the whole weight. */
+int adamw_step_float8_rows(int64_t rows_per_unit, int64_t block_size, int64_t first_unit,
+                           int64_t last_unit, const float8_weight_t *f, const float *grad,
+                           const state_t *m, const state_t *v, const adamw_scalars_t *c) {
+    const int64_t cols = f->cols, unit = rows_per_unit * cols;
+    if (block_size <= 0 || block_size % 8 || block_size > 65536 || unit % block_size) return 1;
+    float *buffers = malloc((size_t)(3 * unit + block_size) * sizeof(float));
+    int32_t *ints = malloc((size_t)(unit + 2 * block_size) * sizeof(int32_t));
+    if (!buffers || !ints) { free(buffers); free(ints); return 2; }
+    float *w_all = buffers, *m_all = buffers + unit, *v_all = buffers + 2 * unit;
+    const scratch_t work = {buffers + 3 * unit, ints, ints + block_size};
+    const update_constants_t k = constants_of(c);
+    for (int64_t u = first_unit; u < last_unit; ++u) {
+        const int64_t first_row = u * rows_per_unit, start = first_row * cols;
+        const int64_t row_count = f->rows - first_row < rows_per_unit ? f->rows - first_row : rows_per_unit;
+        const int64_t count = row_count * cols, first_block = start / block_size;
+        const int64_t blocks = (count + block_size - 1) / block_size;
+        for (int64_t b = 0; b < blocks; ++b) {
+            int64_t valid = count - b * block_size < block_size ? count - b * block_size : block_size;
+            decode_block(m, first_block + b, block_size, valid, m_all + b * block_size, ints);
+            decode_block(v, first_block + b, block_size, valid, v_all + b * block_size, ints);
+        }
+        for (int64_t r = 0; r < row_count; ++r) {
+            const int64_t row = first_row + r, at = row * cols;
+            float *w_row = w_all + r * cols, *m_row = m_all + r * cols, *v_row = v_all + r * cols;
+            const float scale = f->scales[row];
+            for (int64_t i = 0; i < cols; ++i) w_row[i] = f->table[f->codes[at + i]] * scale;
+            adamw_update(w_row, grad + at, m_row, v_row, cols, k);
+            float absmax = 0.0f; /* slimtrain.quant.formats.quantize_weight, row granularity */
+            for (int64_t i = 0; i < cols; ++i) absmax = fabsf(w_row[i]) > absmax ? fabsf(w_row[i]) : absmax;
+            const float new_scale = absmax / f->max, divisor = new_scale > 0.0f ? new_scale : 1.0f;
+            for (int64_t i = 0; i < cols; ++i) {
+                float y = w_row[i] / divisor;
+                y = y < -f->max ? -f->max : (y > f->max ? f->max : y);
+                uint8_t code = f->stochastic
+                    ? float8_stochastic(y, (float)(mix32((uint32_t)(at + i) + f->key) >> 8)
+                                               * (1.0f / 16777216.0f), f)
+                    : float8_nearest(y, f);
+                f->codes[at + i] = code;
+                w_row[i] = w_row[i] - f->table[code] * new_scale; /* the rounding error */
+            }
+            f->scales[row] = new_scale;
+            if (f->eco) /* m += (eco_scale * denominator) * error, the denominator from the new v */
+                for (int64_t i = 0; i < cols; ++i)
+                    m_row[i] = m_row[i] + f->eco_scale * (sqrtf(v_row[i]) * k.inverse_correction + k.eps)
+                                          * w_row[i];
+        }
+        for (int64_t i = count; i < blocks * block_size; ++i) m_all[i] = v_all[i] = 0.0f;
+        for (int64_t b = 0; b < blocks; ++b) {
+            int64_t valid = count - b * block_size < block_size ? count - b * block_size : block_size;
+            encode_block(m, first_block + b, block_size, valid, m_all + b * block_size, &work);
+            encode_block(v, first_block + b, block_size, valid, v_all + b * block_size, &work);
+        }
+    }
+    free(buffers);
+    free(ints);
     return 0;
 }
