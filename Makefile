@@ -23,7 +23,7 @@ test: $(VENV)/.installed
 	$(PY) -m pytest
 
 bench: $(VENV)/.installed
-	$(PY) benchmarks/optim_step.py
+	$(VENV)/bin/slimtrain bench --json benchmarks/results/bench_cpu.json
 
 clean:
 	rm -rf $(VENV)

@@ -88,7 +88,7 @@ def _add_run_options(parser: argparse.ArgumentParser, recipe: bool = True) -> No
     parser.add_argument("--checkpoint-every", type=_number(int, 1), help=f"({defaults.checkpoint_every})")
     parser.add_argument("--seed", type=_number(int, 0), help=f"({defaults.seed})")
     parser.add_argument("--no-compile", dest="compile", action="store_const", const=False,
-                        help="eager optimizer steps (no torch.compile)")
+                        help="eager optimizer steps (no fused C kernel or torch.compile)")
     parser.add_argument("--sync-every", type=_number(int, 1),
                         help="diloco/lordo: local steps per round (recipe default 16)")
     parser.add_argument("--low-rank", type=_number(int, 1),

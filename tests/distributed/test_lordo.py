@@ -247,3 +247,63 @@ def test_a_killed_rank_makes_the_others_fail_not_hang(tmp_path):
     (survivor, _), codes = spawn("dying", 2, tmp_path)
     assert codes[1] == 17
     assert survivor is not None and "error" in survivor, survivor
+
+
+def drift(anchor: str | None, rounds: int = 50) -> float:
+    """Mean movement under DiLoCo (one local step per round, a constant gradient) of weights near
+    1.0 in a tensor whose scale is set by one element at 8.0: float32 weights (``anchor`` None),
+    or FP8 weights (steps of 4 * 8 / 448 = 0.071 near 1.0, far more than one round's change)
+    with a float32 or an "eco" anchor."""
+    start = torch.ones(64, 64)
+    start[0, 0] = 8.0
+    if anchor is not None:
+        start = st.QuantizedWeight.from_float(start, st.WeightFormat("fp8_e4m3", "tensor"))
+    param = nn.Parameter(start)
+    optimizer = DiLoCo([param], lr=1e-3, sync_every=1, clip=None, anchor=anchor or "float32", seed=0)
+    gradient = torch.ones(64, 64)
+    gradient[0, 0] = 0.0
+    for _ in range(rounds):
+        param.grad = gradient.clone()
+        optimizer.step()
+    weights = param.dequantize() if anchor is not None else param.detach()
+    return 1.0 - weights.view(-1)[1:].mean().item()
+
+
+FP8_STEP_NEAR_ONE = 4 * 8.0 / 448
+
+
+def test_a_float32_anchor_of_fp8_weights_moves_as_float32_weights_do():
+    """The pseudo-gradient is measured from the rounded restart point, so the restart's rounding
+    error never pulls the anchor back to the FP8 grid (it did: 0.067 instead of 0.29 here)."""
+    assert drift("float32") == pytest.approx(drift(None), rel=0.05)
+
+
+def test_eco_anchor_keeps_the_updates_a_low_precision_anchor_would_round_away():
+    """ECO on the outer step: the FP8 anchor's rounding error goes into the Nesterov buffer with
+    c = (1 - mu) / (outer_lr mu^2). Each round moves the weights far less than half an FP8 step,
+    so a plain FP8 anchor would never move; the ECO anchor follows float32 weights with a lag of
+    the error still in flight in the buffer (measured: 1.6 FP8 steps after 50 rounds, 2.1 after
+    100, 2.5 after 200, while the weights travel 4, 9 and 19 steps)."""
+    for rounds in (50, 100):
+        exact, eco = drift(None, rounds), drift("eco", rounds)
+        assert exact > 3 * FP8_STEP_NEAR_ONE
+        assert exact - 3 * FP8_STEP_NEAR_ONE < eco <= exact
+
+
+def test_eco_anchor_holds_no_float32_copy_and_needs_outer_momentum():
+    model = small_model()
+    st.quantize_weights_(model, "fp8_e4m3", include=("0",), exclude=())
+    optimizer = LoRDO(model.parameters(), lr=1e-2, rank=4, sync_every=2, anchor="eco")
+    for step in range(4):
+        x, y = batch(0, step)
+        optimizer.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        optimizer.step()
+    weight = model[0].weight
+    anchor = optimizer.state[weight]["anchor"]
+    assert isinstance(anchor, st.QuantizedWeight) and anchor.codes.dtype == torch.float8_e4m3fn
+    assert torch.equal(anchor.codes.view(torch.uint8), weight.codes.view(torch.uint8))  # after a round
+    with pytest.raises(ValueError, match="outer_momentum"):
+        LoRDO(small_model().parameters(), outer_momentum=0.0, anchor="eco")
+    with pytest.raises(ValueError, match="anchor"):
+        LoRDO(small_model().parameters(), anchor="fp8")

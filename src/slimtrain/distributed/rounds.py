@@ -7,8 +7,13 @@ Nesterov momentum as in DiLoCo), and every worker restarts from the new anchor, 
 ranks hold bitwise identical parameters after every round.
 
 Parameters stored below float32 (quantized weights, bf16) take their local steps on a float32
-copy and are stored back with stochastic rounding; the float32 anchor, which these methods keep
-anyway, re-quantizes them at every round, so rounding errors never outlive a round.
+copy and are stored back with stochastic rounding. Their anchor is either float32 (``anchor=
+"float32"``: it re-quantizes them at every round, so rounding errors never outlive a round) or
+kept in the weight's own low-precision storage (``anchor="eco"``: no float32 copy of the weights
+at all). Then the outer step's rounding error e = intended - stored is fed back into the outer
+Nesterov buffer, ECO's idea applied to the outer optimizer: adding c e to the buffer b adds
+outer_lr * c * (mu^2 + mu^3 + ...) e = outer_lr * c * mu^2 / (1 - mu) e to later anchors, so
+c = (1 - mu) / (outer_lr * mu^2) returns exactly the lost e (mu = outer_momentum).
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from slimtrain.quant import draw_seed
 from slimtrain.weights.tensor import is_low_precision, read_weight, store_weight_
 
 PROJECTIONS = ("global", "local")
+ANCHORS = ("float32", "eco")
 
 
 class RoundsOptimizer(torch.optim.Optimizer):
@@ -62,8 +68,13 @@ class RoundsOptimizer(torch.optim.Optimizer):
         clip: float | None,
         process_group: Any,
         seed: int,
+        anchor: str = "float32",
     ) -> None:
         check_adam_options(defaults["lr"], defaults["betas"], defaults["eps"], defaults["weight_decay"])
+        check_choice("anchor", anchor, ANCHORS)
+        if anchor == "eco" and outer_momentum <= 0:
+            raise ValueError("anchor='eco' feeds the anchor's rounding error into the outer momentum: "
+                             "it needs outer_momentum > 0")
         if not isinstance(sync_every, int) or sync_every < 1:
             raise ValueError(f"sync_every must be a positive integer, got {sync_every!r}")
         check_number("outer_lr", outer_lr, 0.0, math.inf, low_open=True)
@@ -77,6 +88,7 @@ class RoundsOptimizer(torch.optim.Optimizer):
             outer_momentum,
             clip,
         )
+        self.anchor = anchor
         self.collectives = Collectives(process_group)
         self.local_steps = 0
         self.rounds = 0
@@ -107,7 +119,8 @@ class RoundsOptimizer(torch.optim.Optimizer):
                     continue
                 state = self.state[param]
                 if "anchor" not in state:
-                    state["anchor"] = read_weight(param).view(param.shape).clone()
+                    state["anchor"] = (param.detach().clone() if self._eco_anchor(param)
+                                       else read_weight(param).view(param.shape).clone())
                 weight = read_weight(param).view(param.shape).clone() if is_low_precision(param) else param
                 self.local_step(weight, grads[id(param)], state, group)
                 if weight is not param:
@@ -134,23 +147,50 @@ class RoundsOptimizer(torch.optim.Optimizer):
         params = [p for p in self.params() if "anchor" in self.state[p]]
         if not params:
             return
-        deltas = [read_weight(p) - self.state[p]["anchor"].reshape(-1) for p in params]
+        deltas = [read_weight(p) - self._restart_point(p) for p in params]
         self.before_average(params, deltas)
         flat = self.collectives.all_reduce_mean_(torch.cat(deltas), "pseudo-gradients")
         averaged = dict(zip(map(id, params), flat.split([d.numel() for d in deltas]), strict=True))
         for param in params:
             state, delta = self.state[param], averaged[id(param)].view(param.shape)
+            buffer = None
             if self.outer_momentum > 0:
                 buffer = state.setdefault("outer_buffer", torch.zeros_like(delta))
                 buffer.mul_(self.outer_momentum).add_(delta)
                 delta = delta + self.outer_momentum * buffer  # Nesterov
-            state["anchor"].add_(delta, alpha=self.outer_lr)
-            if is_low_precision(param):
-                store_weight_(param, state["anchor"])
+            anchor = state["anchor"]
+            if self._eco_anchor(param):  # nearest rounding: the same anchor on every rank
+                intended = read_weight(anchor).view(param.shape) + self.outer_lr * delta
+                stored = store_weight_(anchor, intended).view(param.shape)
+                mu = self.outer_momentum
+                buffer.add_((intended - stored) * ((1 - mu) / (self.outer_lr * mu**2)))
+                param.copy_(anchor)
             else:
-                param.copy_(state["anchor"])
+                anchor.add_(delta, alpha=self.outer_lr)
+                if is_low_precision(param):
+                    store_weight_(param, anchor)
+                else:
+                    param.copy_(anchor)
         self.after_average(params, averaged)
         self.rounds += 1
+
+    def _restart_point(self, param: torch.Tensor) -> torch.Tensor:
+        """Where this round's local steps started, flat float32: the anchor as ``param`` stores it.
+
+        A float32 anchor of a low-precision parameter is rounded (to nearest) when the workers
+        restart from it; measuring the pseudo-gradient from the rounded point keeps that rounding
+        error out of the outer step (from the float32 anchor, the outer step would pull the anchor
+        back towards the nearest representable weights, round after round).
+        """
+        anchor = self.state[param]["anchor"]
+        if not is_low_precision(param) or self._eco_anchor(param):
+            return read_weight(anchor)
+        restarted = param.detach().clone()  # same storage format (codes and scales are copied)
+        return store_weight_(restarted, anchor)
+
+    def _eco_anchor(self, param: torch.Tensor) -> bool:
+        """Whether ``param``'s anchor lives in its own low-precision storage (``anchor="eco"``)."""
+        return self.anchor == "eco" and is_low_precision(param)
 
     def before_average(self, params: list[torch.Tensor], deltas: list[torch.Tensor]) -> None:
         """Hook on this worker's own pseudo-gradients (flat), before they are averaged."""
@@ -195,9 +235,11 @@ class DiLoCo(RoundsOptimizer):
         clip: float | None = 1.0,
         process_group: Any = None,
         seed: int = 0,
+        anchor: str = "float32",
     ) -> None:
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
-        super().__init__(params, defaults, sync_every, outer_lr, outer_momentum, clip, process_group, seed)
+        super().__init__(params, defaults, sync_every, outer_lr, outer_momentum, clip, process_group, seed,
+                         anchor)
 
     def local_step(
         self, weight: torch.Tensor, grad: torch.Tensor, state: dict, group: dict[str, Any]
@@ -254,6 +296,7 @@ class LoRDO(RoundsOptimizer):
         block_size: int = 128,
         low_rank: bool = True,
         seed: int = 0,
+        anchor: str = "float32",
     ) -> None:
         check_low_rank_options(rank, svd, moments_on_refresh)
         check_number("omega", omega, 0.0, 1.0)
@@ -265,7 +308,8 @@ class LoRDO(RoundsOptimizer):
             check_choice("state_bits", bits, tuple(b for b in STATE_BITS if b != 16))
         defaults = dict(lr=lr, rank=rank, omega=omega, mu=mu, betas=tuple(betas), eps=eps,
                         weight_decay=weight_decay, low_rank=low_rank)
-        super().__init__(params, defaults, sync_every, outer_lr, outer_momentum, clip, process_group, seed)
+        super().__init__(params, defaults, sync_every, outer_lr, outer_momentum, clip, process_group, seed,
+                         anchor)
         self.options = dict(
             full_rank_scale=full_rank_scale,
             error_feedback=error_feedback,

@@ -1,13 +1,13 @@
 """``slimtrain bench``: optimizer step time, bytes moved and achieved bandwidth on this machine.
 
 Every configuration updates one (n/1024, 1024) parameter (float32, or FP8 E4M3 with row scales
-for the "FP8 + ECO" configurations) with a fixed random gradient.
-After warm-up steps (the first includes any compilation, reported apart) the median of timed
-steps is reported with its ratio to ``torch.optim.AdamW(fused=True)`` measured in the same run.
-State bytes come from the storage of the optimizer's real tensors. Bytes moved per parameter is
-the traffic a step cannot avoid: read and write the parameter's storage and each state, read the
-float32 gradient (28 B for float32 AdamW, about 8 for FP8 weights with 4/2-bit states). Achieved bandwidth is that traffic over the step time, also as a
-fraction of a copy's bandwidth measured in the same run.
+for the "FP8 + ECO" configurations) with a fixed random gradient. After warm-up steps (the first
+includes any compilation, reported apart) the median of timed steps is reported with its ratio
+to ``torch.optim.AdamW(fused=True)`` measured in the same run. State bytes come from the storage
+of the optimizer's real tensors. Bytes moved per parameter is the traffic a step cannot avoid:
+read and write the parameter's storage and each state, read the float32 gradient (28 B for
+float32 AdamW, about 8 for FP8 weights with 4/2-bit states). Achieved bandwidth is that traffic
+over the step time, also as a fraction of a copy's bandwidth measured in the same run.
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ def configurations() -> dict[str, Callable]:
 FLOAT8_PREFIX = "st.AdamW FP8 + ECO (SR) "  # configurations whose parameter is an FP8 QuantizedWeight
 
 
-def copy_bandwidth(repeats: int = 5) -> float:
+def copy_bandwidth(repeats: int = 10) -> float:
     """GB/s of ``dst.copy_(src)`` on float32 tensors of COPY_NUMEL (bytes read plus written)."""
     src, dst = torch.rand(COPY_NUMEL), torch.empty(COPY_NUMEL)
     dst.copy_(src)
@@ -151,12 +151,12 @@ def run_bench(sizes: list[int], steps: int = 5, warmup: int = 3, only: list[str]
                 kernel_compile_seconds=kernels.compile_seconds, results=[asdict(r) for r in results])
 
 
-BENCH_HEADER = (f"{'configuration':<26}{'params':>11}{'step ms':>10}{'x fused':>9}{'first ms':>10}"
+BENCH_HEADER = (f"{'configuration':<34}{'params':>11}{'step ms':>10}{'x fused':>9}{'first ms':>10}"
                 f"{'state B/p':>11}{'moved B/p':>11}{'GB/s':>8}{'of copy':>9}")
 
 
 def format_row(r: BenchResult) -> str:
     """One line of the bench table (see BENCH_HEADER)."""
-    return (f"{r.name:<26}{r.numel:>11,}{r.step_ms:>10.1f}{r.ratio_to_fused:>9.2f}{r.first_step_ms:>10.0f}"
+    return (f"{r.name:<34}{r.numel:>11,}{r.step_ms:>10.1f}{r.ratio_to_fused:>9.2f}{r.first_step_ms:>10.0f}"
             f"{r.state_bytes_per_param:>11.3f}{r.bytes_moved_per_param:>11.2f}{r.bandwidth_gbs:>8.1f}"
             f"{r.fraction_of_copy:>9.0%}")

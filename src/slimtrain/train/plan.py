@@ -197,13 +197,16 @@ def _layout_bytes(tensors: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> in
     return sum(math.prod(shape) * dtype.itemsize for shape, dtype in tensors.values())
 
 
-def _low_rank_state_bytes(spec: TensorSpec, recipe: Recipe, block_size: int) -> int:
+def _low_rank_state_bytes(spec: TensorSpec, recipe: Recipe, block_size: int, weight_bytes: int) -> int:
     """Optimizer state bytes of one tensor under the "lowrank-ddp", "diloco" or "lordo" methods
     (their step counters are Python ints). Matrix weights: Q (n, r) float32, moments (r, m) in the
-    recipe's state bits; LoRDO adds E (n, m); the round methods keep a float32 anchor of every
-    tensor and, with outer momentum, a buffer; everything else keeps float32 AdamW moments."""
+    recipe's state bits; LoRDO adds E (n, m); the round methods keep an anchor of every tensor
+    (float32, or ``weight_bytes`` in the weight's own storage with anchor="eco") and, with outer
+    momentum, a buffer; everything else keeps float32 AdamW moments."""
     numel = spec.numel
-    anchor = numel * _FLOAT32_BYTES if recipe.method in ("diloco", "lordo") else 0
+    eco_anchor = dict(recipe.lordo_options).get("anchor") == "eco" and weight_bytes < numel * _FLOAT32_BYTES
+    anchor = (weight_bytes if eco_anchor else numel * _FLOAT32_BYTES) if recipe.method in (
+        "diloco", "lordo") else 0
     if recipe.method == "diloco":
         return anchor + 3 * numel * _FLOAT32_BYTES  # AdamW m, v and the outer Nesterov buffer
     if recipe.method == "lordo":
@@ -255,7 +258,7 @@ def static_memory(specs: list[TensorSpec], recipe: Recipe | str, block_size: int
             weight = spec.numel * _FLOAT32_BYTES
         master, states = 0, _layout_bytes({"step": _STEP})
         if recipe.method not in ("adamw", "ddp"):
-            states = _low_rank_state_bytes(spec, recipe, block_size)
+            states = _low_rank_state_bytes(spec, recipe, block_size, weight)
         else:
             # a stand-in on the meta device: bfloat16 marks "stored below float32" to the optimizer
             stand_in = torch.empty(spec.shape, device="meta", dtype=torch.bfloat16 if quantized else None)

@@ -18,7 +18,7 @@ from slimtrain.weights.convert import default_linear_weights
 METHODS = ("adamw", "ddp", "lowrank-ddp", "diloco", "lordo")
 # LoRDO keyword arguments a recipe's lordo_options may set (the others come from the recipe/run)
 LORDO_OPTIONS = ("mu", "clip", "outer_lr", "outer_momentum", "full_rank_scale", "error_feedback",
-                 "moments_on_refresh", "svd", "projection", "block_size")
+                 "moments_on_refresh", "svd", "projection", "block_size", "anchor")
 DATA_PARALLEL = ("ddp", "lowrank-ddp")  # gradients averaged every step by DistributedDataParallel
 
 
@@ -133,6 +133,11 @@ RECIPES: dict[str, Recipe] = {
                lordo_options=(("error_feedback", False),)),
         Recipe("lordo-slim", "LoRDO with SOLO 4/2-bit low-rank moments", method="lordo",
                state_bits=(4, 2)),
+        Recipe("lordo-fp8", "LoRDO on FP8 weights (SR local steps) with a float32 anchor", "fp8_e4m3",
+               rounding="stochastic", method="lordo"),
+        Recipe("lordo-eco", "LoRDO on FP8 weights with an FP8 anchor: ECO on the outer Nesterov step "
+               "(no float32 weights)", "fp8_e4m3", rounding="stochastic", method="lordo",
+               lordo_options=(("anchor", "eco"),)),
     ]
 }
 SINGLE_WORKER_RECIPES = tuple(name for name, r in RECIPES.items() if not r.distributed)

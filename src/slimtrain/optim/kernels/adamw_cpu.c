@@ -345,35 +345,45 @@ typedef struct {
     const float *table;     /* the 256 float8 values, as torch decodes them */
 } float8_weight_t;
 
-/* nearest float8 code of |y| <= max, ties to even: the sign bit plus the magnitude bits */
-static inline uint8_t float8_nearest(float y, const float8_weight_t *f) {
-    uint32_t bits = float_bits(y), sign = (bits >> 24) & 0x80;
-    float a = fabsf(y);
-    int shift = 23 - f->mantissa_bits;
-    float smallest_normal = power_of_two(1 - f->exponent_bias);
-    uint32_t magnitude;
-    if (a < smallest_normal) { /* subnormal codes: multiples of the smallest subnormal */
-        float units = a * power_of_two(f->exponent_bias - 1 + f->mantissa_bits);
-        magnitude = (uint32_t)nearbyintf(units);
-    } else {
-        uint32_t b = float_bits(a);
-        b += ((1u << shift) >> 1) - 1 + ((b >> shift) & 1); /* round to nearest, ties to even */
-        magnitude = (b >> shift) - ((uint32_t)(127 - f->exponent_bias) << f->mantissa_bits);
-    }
-    return (uint8_t)(sign | magnitude);
+/* The float8 layout as loop-invariant locals (the struct's fields would be reloaded after every
+ * store of a code byte, which may alias them, and block vectorizing). */
+typedef struct {
+    int32_t mantissa_bits, exponent_bias;
+    float max, smallest_normal, subnormal_units;
+    const float *table;
+} float8_layout_t;
+
+static float8_layout_t layout_of(const float8_weight_t *f) {
+    float8_layout_t l = {f->mantissa_bits, f->exponent_bias, f->max,
+                         power_of_two(1 - f->exponent_bias),
+                         power_of_two(f->exponent_bias - 1 + f->mantissa_bits), f->table};
+    return l;
 }
 
-/* slimtrain.quant.formats._float8_stochastic for one element */
-static inline uint8_t float8_stochastic(float y, float noise, const float8_weight_t *f) {
-    uint8_t nearest = float8_nearest(y, f);
-    float near = f->table[nearest];
-    int magnitude = nearest & 0x7F, sign = nearest & 0x80;
-    int away = fabsf(near) < fabsf(y) || near == 0.0f;
-    int other_magnitude = away ? magnitude + 1 : magnitude - 1;
+/* nearest float8 code of |y| <= max, ties to even (as torch converts), branch-free */
+static inline int32_t float8_nearest(float y, float8_layout_t l) {
+    uint32_t bits = float_bits(y);
+    int32_t sign = (int32_t)((bits >> 24) & 0x80);
+    float a = fabsf(y);
+    int32_t subnormal = (int32_t)nearbyintf(a * l.subnormal_units); /* multiples of the smallest */
+    int shift = 23 - l.mantissa_bits;
+    uint32_t b = float_bits(a);
+    b += ((1u << shift) >> 1) - 1 + ((b >> shift) & 1); /* round to nearest, ties to even */
+    int32_t normal = (int32_t)(b >> shift) - ((127 - l.exponent_bias) << l.mantissa_bits);
+    return sign | (a < l.smallest_normal ? subnormal : normal);
+}
+
+/* slimtrain.quant.formats._float8_stochastic for one element, branch-free */
+static inline int32_t float8_stochastic(float y, float noise, float8_layout_t l) {
+    int32_t nearest = float8_nearest(y, l);
+    float near = l.table[nearest];
+    int32_t magnitude = nearest & 0x7F, sign = nearest & 0x80;
+    int32_t away = (fabsf(near) < fabsf(y)) | (near == 0.0f); /* the other neighbour is farther from 0 */
+    int32_t other_magnitude = away ? magnitude + 1 : magnitude - 1;
     other_magnitude = other_magnitude < 0 ? 0 : (other_magnitude > 0x7F ? 0x7F : other_magnitude);
-    uint8_t other_code = (uint8_t)(other_magnitude | sign);
-    float other = f->table[other_code];
-    int usable = isfinite(other) && fabsf(other) <= f->max;
+    int32_t other_code = other_magnitude | sign;
+    float other = l.table[other_code];
+    int32_t usable = fabsf(other) <= l.max; /* finite and in range */
     other_code = usable ? other_code : nearest;
     other = usable ? other : near;
     float gap = fabsf(other - near);
@@ -397,7 +407,8 @@ static update_constants_t constants_of(const adamw_scalars_t *c) {
 /* the AdamW rule of slimtrain.optim.functional.adamw_update_(reproducible=True) on `count`
  * elements; p, m, v are private buffers or the parameter itself (no aliasing between them) */
 static inline void adamw_update(float *restrict p, const float *restrict grad, float *restrict m,
-                                float *restrict v, int64_t count, update_constants_t k) {
+                                float *restrict v, int64_t count, update_constants_t k,
+                                float *restrict denominators /* NULL, or where to keep them */) {
     for (int64_t i = 0; i < count; ++i) {
         float g = k.maximize ? -grad[i] : grad[i];
         float mi = m[i];
@@ -408,6 +419,7 @@ static inline void adamw_update(float *restrict p, const float *restrict grad, f
         p[i] = p[i] * k.decay + k.neg_step_size * mi / denom;
         m[i] = mi;
         v[i] = vi;
+        if (denominators) denominators[i] = denom;
     }
 }
 
@@ -424,7 +436,7 @@ int adamw_step_blocks(int64_t numel, int64_t block_size, int64_t first_block, in
         int64_t valid = numel - start < block_size ? numel - start : block_size;
         decode_block(m, block, block_size, valid, m_buf, codes);
         decode_block(v, block, block_size, valid, v_buf, codes);
-        adamw_update(param + start, grad + start, m_buf, v_buf, valid, k);
+        adamw_update(param + start, grad + start, m_buf, v_buf, valid, k, NULL);
         for (int64_t i = valid; i < block_size; ++i) m_buf[i] = v_buf[i] = 0.0f;
         encode_block(m, block, block_size, valid, m_buf, &work);
         encode_block(v, block, block_size, valid, v_buf, &work);
@@ -442,12 +454,18 @@ int adamw_step_float8_rows(int64_t rows_per_unit, int64_t block_size, int64_t fi
                            const state_t *m, const state_t *v, const adamw_scalars_t *c) {
     const int64_t cols = f->cols, unit = rows_per_unit * cols;
     if (block_size <= 0 || block_size % 8 || block_size > 65536 || unit % block_size) return 1;
-    float *buffers = malloc((size_t)(3 * unit + block_size) * sizeof(float));
-    int32_t *ints = malloc((size_t)(unit + 2 * block_size) * sizeof(int32_t));
+    float *buffers = malloc((size_t)(3 * unit + cols + block_size) * sizeof(float));
+    int32_t *ints = malloc((size_t)(unit + cols + 2 * block_size) * sizeof(int32_t));
     if (!buffers || !ints) { free(buffers); free(ints); return 2; }
     float *w_all = buffers, *m_all = buffers + unit, *v_all = buffers + 2 * unit;
-    const scratch_t work = {buffers + 3 * unit, ints, ints + block_size};
+    float *denominators = buffers + 3 * unit;
+    int32_t *codes_i32 = ints + 2 * block_size;
+    const scratch_t work = {buffers + 3 * unit + cols, ints, ints + block_size};
     const update_constants_t k = constants_of(c);
+    const float8_layout_t l = layout_of(f);
+    const int eco = f->eco, stochastic = f->stochastic;
+    const float eco_scale = f->eco_scale;
+    const uint32_t key = f->key;
     for (int64_t u = first_unit; u < last_unit; ++u) {
         const int64_t first_row = u * rows_per_unit, start = first_row * cols;
         const int64_t row_count = f->rows - first_row < rows_per_unit ? f->rows - first_row : rows_per_unit;
@@ -461,27 +479,37 @@ int adamw_step_float8_rows(int64_t rows_per_unit, int64_t block_size, int64_t fi
         for (int64_t r = 0; r < row_count; ++r) {
             const int64_t row = first_row + r, at = row * cols;
             float *w_row = w_all + r * cols, *m_row = m_all + r * cols, *v_row = v_all + r * cols;
+            uint8_t *codes = f->codes + at;
             const float scale = f->scales[row];
-            for (int64_t i = 0; i < cols; ++i) w_row[i] = f->table[f->codes[at + i]] * scale;
-            adamw_update(w_row, grad + at, m_row, v_row, cols, k);
-            float absmax = 0.0f; /* slimtrain.quant.formats.quantize_weight, row granularity */
-            for (int64_t i = 0; i < cols; ++i) absmax = fabsf(w_row[i]) > absmax ? fabsf(w_row[i]) : absmax;
-            const float new_scale = absmax / f->max, divisor = new_scale > 0.0f ? new_scale : 1.0f;
-            for (int64_t i = 0; i < cols; ++i) {
-                float y = w_row[i] / divisor;
-                y = y < -f->max ? -f->max : (y > f->max ? f->max : y);
-                uint8_t code = f->stochastic
-                    ? float8_stochastic(y, (float)(mix32((uint32_t)(at + i) + f->key) >> 8)
-                                               * (1.0f / 16777216.0f), f)
-                    : float8_nearest(y, f);
-                f->codes[at + i] = code;
-                w_row[i] = w_row[i] - f->table[code] * new_scale; /* the rounding error */
+            for (int64_t i = 0; i < cols; ++i) w_row[i] = l.table[codes[i]] * scale;
+            adamw_update(w_row, grad + at, m_row, v_row, cols, k, eco ? denominators : NULL);
+            f8 lane_max = splat8(0.0f); /* slimtrain.quant.formats.quantize_weight, row scales */
+            int64_t i = 0;
+            for (; i + 8 <= cols; i += 8) lane_max = max8((f8)((i8)load8(w_row + i) & 0x7FFFFFFF), lane_max);
+            float absmax = lanes_max(lane_max, 0.0f);
+            for (; i < cols; ++i) absmax = fabsf(w_row[i]) > absmax ? fabsf(w_row[i]) : absmax;
+            const float new_scale = absmax / l.max, divisor = new_scale > 0.0f ? new_scale : 1.0f;
+            if (stochastic) {
+                const uint32_t first = (uint32_t)at + key;
+                for (i = 0; i < cols; ++i) {
+                    float y = w_row[i] / divisor;
+                    y = y < -l.max ? -l.max : (y > l.max ? l.max : y);
+                    float noise = (float)(mix32(first + (uint32_t)i) >> 8) * (1.0f / 16777216.0f);
+                    codes_i32[i] = float8_stochastic(y, noise, l);
+                }
+            } else {
+                for (i = 0; i < cols; ++i) {
+                    float y = w_row[i] / divisor;
+                    codes_i32[i] = float8_nearest(y < -l.max ? -l.max : (y > l.max ? l.max : y), l);
+                }
+            }
+            for (i = 0; i < cols; ++i) {
+                codes[i] = (uint8_t)codes_i32[i];
+                w_row[i] = w_row[i] - l.table[codes_i32[i]] * new_scale; /* the rounding error */
             }
             f->scales[row] = new_scale;
-            if (f->eco) /* m += (eco_scale * denominator) * error, the denominator from the new v */
-                for (int64_t i = 0; i < cols; ++i)
-                    m_row[i] = m_row[i] + f->eco_scale * (sqrtf(v_row[i]) * k.inverse_correction + k.eps)
-                                          * w_row[i];
+            if (eco) /* m += (eco_scale * denominator) * error: ECO */
+                for (i = 0; i < cols; ++i) m_row[i] = m_row[i] + eco_scale * denominators[i] * w_row[i];
         }
         for (int64_t i = count; i < blocks * block_size; ++i) m_all[i] = v_all[i] = 0.0f;
         for (int64_t b = 0; b < blocks; ++b) {
