@@ -220,7 +220,8 @@ class RoundsOptimizer(torch.optim.Optimizer):
 
 class DiLoCo(RoundsOptimizer):
     """DiLoCo: local AdamW, and every ``sync_every`` steps an outer Nesterov step on the averaged
-    pseudo-gradient (outer_lr 0.7, outer_momentum 0.9 by default, as in the DiLoCo paper)."""
+    pseudo-gradient (outer_lr 0.7, outer_momentum 0.9 by default, as in the DiLoCo paper).
+    ``anchor``: "float32" or "eco", as for :class:`LoRDO`."""
 
     def __init__(
         self,
@@ -269,6 +270,9 @@ class LoRDO(RoundsOptimizer):
         svd: "full" or "randomized". projection: "global" or "local".
         state_bits: bits of (u, v): 32 (float32) or SOLO's 8, 4, 3, 2 (u: dynamic-exponent map
             with block absmax; v: logarithmic map), block_size elements per scale.
+        anchor: for weights stored below float32, "float32" (a float32 anchor) or "eco" (the
+            anchor in the weights' own storage, its rounding error fed into the outer momentum;
+            see the module docstring).
     """
 
     def __init__(

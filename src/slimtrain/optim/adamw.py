@@ -58,10 +58,12 @@ class AdamW(LowBitOptimizer):
             drop the error) or "eco" (round and feed the error back into m; no master copy).
         rounding: "nearest" or "stochastic" rounding of those parameters.
         eco_decay_correction: multiply ECO's injection by (1 - lr * weight_decay).
-        compile: run steps with quantized states fused: on the CPU, float32 parameters go through
-            a hand-written C kernel (one pass over each tensor, built once per machine, same bits
-            as the eager step); elsewhere through ``torch.compile`` (one pass per chunk of 2^20
-            elements, compiled once per state format and shape family). False: eager torch code.
+        compile: run steps fused: on the CPU, float32 parameters with quantized states and FP8
+            weights with row scales ("eco" or "naive" updates) go through a hand-written C kernel
+            (one pass over each tensor, built once per machine, the same bits as the eager step);
+            on other devices float32 parameters with quantized states go through
+            ``torch.compile`` (one pass per chunk of 2^20 elements, compiled once per state format
+            and shape family). Everything else, and ``compile=False``, runs as eager torch code.
         seed: seed of the stochastic-rounding generator (saved in ``state_dict``); default
             ``torch.initial_seed()``.
     """
