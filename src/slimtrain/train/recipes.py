@@ -29,7 +29,8 @@ class Recipe:
     weight_format: storage of the nn.Linear weights (embeddings, the output head, norms and biases
     stay float32); None keeps float32. granularity / group_size: scales of that format.
     weight_update: "master", "naive" or "eco" for low-precision weights; rounding: "nearest" or
-    "stochastic" when they are re-quantized. state_bits: bits of Adam's (m, v).
+    "stochastic" when they are re-quantized. state_bits: bits of Adam's (m, v); state_rounding:
+    how (m, v) are rounded when encoded below 16 bits.
     method: "adamw" (slimtrain's AdamW; one worker or many without communication), "ddp"
     (AdamW under DistributedDataParallel), "lowrank-ddp" (GaLore-style low-rank Adam under DDP,
     projection refreshed every ``refresh_every`` steps), "diloco" or "lordo" (rounds every
@@ -45,6 +46,7 @@ class Recipe:
     weight_update: str = "master"
     rounding: str = "nearest"
     state_bits: tuple[int, int] = (32, 32)
+    state_rounding: tuple[str, str] = ("nearest", "stochastic")
     method: str = "adamw"
     rank: int = 16
     sync_every: int = 16
@@ -65,7 +67,8 @@ class Recipe:
 
     def optimizer_options(self) -> dict[str, Any]:
         """Keyword arguments of :class:`slimtrain.AdamW` that this recipe sets."""
-        return dict(state_bits=self.state_bits, weight_update=self.weight_update, rounding=self.rounding)
+        return dict(state_bits=self.state_bits, state_rounding=self.state_rounding,
+                    weight_update=self.weight_update, rounding=self.rounding)
 
     def make_optimizer(self, model_or_params: nn.Module | Any, *, lr: float,
                        betas: tuple[float, float] = (0.9, 0.999), weight_decay: float = 0.0,
@@ -112,7 +115,8 @@ RECIPES: dict[str, Recipe] = {
         _fp8("eco-rtn", "eco", "nearest", "FP8 weights, no master, ECO error feedback, RTN"),
         _fp8("eco-sr", "eco", "stochastic", "FP8 weights, no master, ECO error feedback, SR"),
         Recipe("solo-4-2", "FP32 weights, SOLO 4-bit m / 2-bit logarithmic v", state_bits=(4, 2)),
-        Recipe("solo-2-2", "FP32 weights, SOLO 2-bit m / 2-bit logarithmic v", state_bits=(2, 2)),
+        Recipe("solo-2-2", "FP32 weights, SOLO 2-bit m (stochastic rounding) / 2-bit logarithmic v",
+               state_bits=(2, 2), state_rounding=("stochastic", "stochastic")),
         Recipe("slim", "FP8 weights + ECO (SR) + SOLO 4/2-bit states: the default", "fp8_e4m3",
                weight_update="eco", rounding="stochastic", state_bits=(4, 2)),
         Recipe("int4-eco", "INT4 weights (group-32 scales) + ECO (SR) + SOLO 4/2-bit states", "int4",

@@ -11,6 +11,9 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
 
 enum { KIND_FLOAT = 0, KIND_CODEBOOK = 1, KIND_LOG = 2 };
 
@@ -160,6 +163,30 @@ static void pack_block(const int32_t *codes, int bits, int64_t count, uint8_t *d
 /* out[i] = number of entries of sorted table[0..n) below x[i] (<= x[i] if inclusive) */
 static void count_below(const float *table, int n, const float *x, int64_t count, int inclusive,
                         int32_t *out) {
+#if defined(__AVX2__)
+    if (n < 16) { /* branch-free binary search of the table (+inf padded to 16) held in registers */
+        float padded[16];
+        for (int j = 0; j < 16; ++j) padded[j] = j < n ? table[j] : INFINITY;
+        const __m256 low = _mm256_loadu_ps(padded), high = _mm256_loadu_ps(padded + 8);
+        const int predicate = inclusive ? _CMP_LE_OQ : _CMP_LT_OQ;
+        for (int64_t i = 0; i < count; i += 8) {
+            const __m256 y = _mm256_loadu_ps(x + i);
+            __m256i position = _mm256_setzero_si256();
+            for (int step = 8; step > 0; step /= 2) {
+                __m256i probe = _mm256_add_epi32(position, _mm256_set1_epi32(step - 1));
+                __m256 entry = _mm256_blendv_ps(
+                    _mm256_permutevar8x32_ps(low, probe), _mm256_permutevar8x32_ps(high, probe),
+                    _mm256_castsi256_ps(_mm256_slli_epi32(probe, 28))); /* bit 3: upper half */
+                __m256 below = predicate == _CMP_LE_OQ ? _mm256_cmp_ps(entry, y, _CMP_LE_OQ)
+                                                       : _mm256_cmp_ps(entry, y, _CMP_LT_OQ);
+                position = _mm256_add_epi32(
+                    position, _mm256_and_si256(_mm256_castps_si256(below), _mm256_set1_epi32(step)));
+            }
+            _mm256_storeu_si256((__m256i *)(out + i), position);
+        }
+        return;
+    }
+#endif
     if (n <= 16) {
         for (int64_t i = 0; i < count; i += 8) {
             f8 y = load8(x + i);
@@ -183,10 +210,6 @@ static void count_below(const float *table, int n, const float *x, int64_t count
 }
 
 /* ---------------------------------------------------------------------- decode / encode */
-#if defined(__AVX2__)
-#include <immintrin.h>
-#endif
-
 /* out[i] = table[codes[i]] for a table of `size` entries */
 static void lookup(const float *table, int size, const int32_t *codes, int64_t count, float *out) {
 #if defined(__AVX2__)
