@@ -328,12 +328,11 @@ static void encode_log(const state_t *s, int64_t block, int64_t block_size, int6
     float log_top = portable_log2(top > 0.0f ? top : 1.0f);
     float step = (log_top - portable_log2(top > 0.0f ? bottom : 1.0f)) / (float)last;
     float levels_per_octave = step > 0.0f ? 1.0f / step : 0.0f;
-    uint32_t first = (uint32_t)(block * block_size);
+    const int64_t start = block * block_size;
     for (int64_t i = 0; i < block_size; ++i) {
         float log_value = x[i] < TINY ? -126.0f : log_x[i];
         float exponent = (log_top - log_value) * levels_per_octave;
-        float offset = s->stochastic
-            ? (float)(mix32(first + (uint32_t)i + s->key) >> 8) * (1.0f / 16777216.0f) : 0.5f;
+        float offset = s->stochastic ? noise_at(s->key, start + i) : 0.5f;
         float code = floorf(exponent + offset);
         w->codes[i] = (int32_t)(code < 0.0f ? 0.0f : (code > (float)last ? (float)last : code));
     }
@@ -513,12 +512,10 @@ int adamw_step_float8_rows(int64_t rows_per_unit, int64_t block_size, int64_t fi
             for (; i < cols; ++i) absmax = fabsf(w_row[i]) > absmax ? fabsf(w_row[i]) : absmax;
             const float new_scale = absmax / l.max, divisor = new_scale > 0.0f ? new_scale : 1.0f;
             if (stochastic) {
-                const uint32_t first = (uint32_t)at + key;
                 for (i = 0; i < cols; ++i) {
                     float y = w_row[i] / divisor;
                     y = y < -l.max ? -l.max : (y > l.max ? l.max : y);
-                    float noise = (float)(mix32(first + (uint32_t)i) >> 8) * (1.0f / 16777216.0f);
-                    codes_i32[i] = float8_stochastic(y, noise, l);
+                    codes_i32[i] = float8_stochastic(y, noise_at(key, at + i), l);
                 }
             } else {
                 for (i = 0; i < cols; ++i) {
