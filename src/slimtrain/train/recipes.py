@@ -36,6 +36,9 @@ class Recipe:
     projection refreshed every ``refresh_every`` steps), "diloco" or "lordo" (rounds every
     ``sync_every`` steps). rank: of low-rank moments. omega: LoRDO's low-rank weight.
     lordo_options: further LoRDO keyword arguments, as (name, value) pairs.
+    beta1: Adam's first-moment decay for this recipe in place of the caller's betas[0] (None:
+    the caller's). ECO returns each injected error over about 1 / (1 - beta1) steps; eco-sr
+    uses 0.8 (measured at 600 steps: -0.06% vs adamw at 0.9, against +2.14% at 0.9).
     """
 
     name: str
@@ -53,6 +56,7 @@ class Recipe:
     refresh_every: int = 50
     omega: float = 0.5
     lordo_options: tuple[tuple[str, Any], ...] = ()
+    beta1: float | None = None
 
     @property
     def distributed(self) -> bool:
@@ -76,6 +80,7 @@ class Recipe:
         """This recipe's optimizer. ``adamw_options`` (compile, block_size, ...) go to
         :class:`slimtrain.AdamW` and are ignored by the other methods. Low-rank methods need a
         module: its :func:`default_linear_weights` take low-rank steps, the rest AdamW steps."""
+        betas = (self.beta1, betas[1]) if self.beta1 is not None else betas
         common = dict(lr=lr, betas=betas, weight_decay=weight_decay)
         is_module = isinstance(model_or_params, nn.Module)
         params = list(model_or_params.parameters() if is_module else model_or_params)
@@ -113,7 +118,8 @@ RECIPES: dict[str, Recipe] = {
         _fp8("fp8-naive-rtn", "naive", "nearest", "FP8 weights, no master, rounding error dropped (RTN)"),
         _fp8("fp8-naive-sr", "naive", "stochastic", "FP8 weights, no master, rounding error dropped (SR)"),
         _fp8("eco-rtn", "eco", "nearest", "FP8 weights, no master, ECO error feedback, RTN"),
-        _fp8("eco-sr", "eco", "stochastic", "FP8 weights, no master, ECO error feedback, SR"),
+        Recipe("eco-sr", "FP8 weights, no master, ECO error feedback, SR (beta1 0.8)", "fp8_e4m3",
+               weight_update="eco", rounding="stochastic", beta1=0.8),
         Recipe("solo-4-2", "FP32 weights, SOLO 4-bit m / 2-bit logarithmic v", state_bits=(4, 2)),
         Recipe("solo-2-2", "FP32 weights, SOLO 2-bit m (stochastic rounding) / 2-bit logarithmic v",
                state_bits=(2, 2), state_rounding=("stochastic", "stochastic")),
