@@ -38,9 +38,14 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return (x >> 16) ^ x
 
 
+def _stream_key(seed: torch.Tensor) -> torch.Tensor:
+    """hash(seed) of an integer tensor, in [0, 2^32): where the noise stream of ``seed`` starts."""
+    return _mix32(seed.to(torch.int64) & _MASK32)
+
+
 def noise_key(seed: int) -> int:
-    """hash(seed): the offset of the stream of ``seed`` (see :func:`uniform_noise`), in [0, 2^32)."""
-    return int(_mix32(torch.tensor(seed, dtype=torch.int64) & _MASK32))
+    """hash(seed) as a Python int: the offset of the stream of ``seed`` (see :func:`uniform_noise`)."""
+    return int(_stream_key(torch.tensor(seed)))
 
 
 def uniform_noise(
@@ -54,8 +59,7 @@ def uniform_noise(
     streams. ``seed`` and ``start`` may be 0-d integer tensors (so that compiled callers do not
     specialize on them).
     """
-    seed = seed if torch.is_tensor(seed) else torch.tensor(seed)
-    key = _mix32(seed.to(device=device, dtype=torch.int64) & _MASK32)
+    key = _stream_key((seed if torch.is_tensor(seed) else torch.tensor(seed)).to(device))
     index = torch.arange(numel, dtype=torch.int64, device=device) + start
     x = _mix32((index + key) & _MASK32)
     return (x >> 8).to(torch.float32) * (1.0 / 2**24)
