@@ -27,7 +27,7 @@ from slimtrain.train.trainer import TrainConfig, format_summary, resume, train
 # command-line option -> TrainConfig field, for options that configure a run
 RUN_OPTIONS = ("recipe", "model", "data", "tokenizer", "steps", "batch_size", "seq_len", "lr", "warmup",
                "weight_decay", "clip", "eval_every", "eval_batches", "checkpoint_every", "seed", "compile",
-               "sync_every", "low_rank", "omega", "lordo_options", "dist_timeout")
+               "sync_every", "low_rank", "omega", "lordo_options", "optim_options", "dist_timeout")
 
 
 def _number(kind: type, low: float, inclusive: bool = True) -> Any:
@@ -44,7 +44,7 @@ def _number(kind: type, low: float, inclusive: bool = True) -> Any:
     return parse
 
 
-def _lordo_option(text: str) -> tuple[str, Any]:
+def _key_value(text: str) -> tuple[str, Any]:
     """argparse type: KEY=VALUE with VALUE an int, float, true/false or a word."""
     key, separator, value = text.partition("=")
     if not separator or not key.isidentifier():
@@ -94,10 +94,15 @@ def _add_run_options(parser: argparse.ArgumentParser, recipe: bool = True) -> No
     parser.add_argument("--low-rank", type=_number(int, 1),
                         help="lowrank-ddp/lordo: rank of the low-rank moments (recipe default 16)")
     parser.add_argument("--omega", type=_number(float, 0), help="lordo: weight of the low-rank direction")
-    parser.add_argument("--lordo", dest="lordo_options", type=_lordo_option, action="append",
+    parser.add_argument("--lordo", dest="lordo_options", type=_key_value, action="append",
                         metavar="KEY=VALUE",
                         help="a LoRDO option, e.g. full_rank_scale=rms, moments_on_refresh=rotate, "
                              "svd=randomized, projection=local, error_feedback=false, outer_momentum=0.9")
+    parser.add_argument("--optim", dest="optim_options", type=_key_value, action="append",
+                        metavar="KEY=VALUE",
+                        help="an AdamW option of the recipe, e.g. beta1=0.7, block_size=64, "
+                             "state_maps=linear,log, state_rounding=stochastic,stochastic, "
+                             "beta1_policy=fixed, quantile=0.05")
     parser.add_argument("--dist-timeout", type=_number(float, 0, False),
                         help=f"seconds to wait for other ranks before failing ({defaults.dist_timeout:g})")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -105,8 +110,9 @@ def _add_run_options(parser: argparse.ArgumentParser, recipe: bool = True) -> No
 
 def _run_overrides(args: argparse.Namespace) -> dict[str, Any]:
     overrides = {name: getattr(args, name) for name in RUN_OPTIONS if getattr(args, name, None) is not None}
-    if "lordo_options" in overrides:
-        overrides["lordo_options"] = dict(overrides["lordo_options"])
+    for name in ("lordo_options", "optim_options"):
+        if name in overrides:
+            overrides[name] = dict(overrides[name])
     return overrides
 
 

@@ -145,6 +145,10 @@ def test_an_existing_run_directory_needs_force(tmp_path, capsys):
     (["--recipe", "lordo", "--lordo", "rank_of_q=3"], "unknown lordo option(s) rank_of_q"),
     (["--lordo", "svd=randomized"], "lordo options apply to LoRDO recipes"),
     (["--recipe", "lordo", "--lordo", "svd=qr"], "svd must be one of"),
+    (["--optim", "block=64"], "unknown optim option(s) block; accepted: beta1"),
+    (["--recipe", "lordo", "--optim", "block_size=64"], "optim options apply to AdamW recipes"),
+    (["--optim", "state_maps=log,log"], "state_maps"),
+    (["--optim", "block_size=7"], "block_size"),
 ])
 def test_bad_input_is_one_error_line(tmp_path, capsys, argv, message):
     files = {"EMPTY": b"  \n", "BINARY": b"\x00\x01\x02abc", "SHORT": b"To be, or not to be."}
@@ -229,6 +233,27 @@ def test_a_users_own_module_trains_through_the_python_api(tmp_path):
     result = train(config, model=Bigram(), progress=False, log=lambda _: None)
     assert result.summary["model"] == "custom" and result.summary["steps"] == 4
     assert result.summary["static_memory"]["parameters"] < 4 * result.summary["parameters"]
+
+
+def test_optim_options_reach_the_optimizer_and_the_memory_count(tmp_path):
+    base = dict(recipe="solo-2-2", model="tiny", data="python-docs", steps=1, batch_size=2, seq_len=16,
+                eval_every=1, eval_batches=1, compile=False)
+    runs = {}
+    for name, options in (("default", {}), ("small-blocks", dict(block_size=32, beta1=0.7,
+                                                                    state_maps="linear,log"))):
+        config = TrainConfig(**base, optim_options=options)
+        (tmp_path / name).mkdir()
+        trainer = Trainer(config, tmp_path / name, progress=False, log=lambda _: None)
+        group = trainer.optimizer.param_groups[0]
+        runs[name] = trainer.run().summary
+        assert config.to_dict()["optim_options"] == options
+        if options:
+            assert group["block_size"] == 32 and group["betas"][0] == 0.7
+            assert tuple(group["state_maps"]) == ("linear", "log")
+    # more scales per element: blocks of 32 hold more state bytes, as measured and as planned
+    default, small = runs["default"]["static_memory"], runs["small-blocks"]["static_memory"]
+    assert small["optimizer_state"] > default["optimizer_state"]
+    assert small["parameters"] == default["parameters"]
 
 
 def test_bench_prints_ratios_and_writes_json(tmp_path, capsys):

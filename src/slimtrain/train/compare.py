@@ -31,8 +31,9 @@ def _train_arguments(overrides: dict[str, Any]) -> list[str]:
     for name, value in overrides.items():
         if name == "compile":
             arguments += [] if value else ["--no-compile"]
-        elif name == "lordo_options":
-            arguments += [f"--lordo={key}={option}" for key, option in value.items()]
+        elif name in ("lordo_options", "optim_options"):
+            flag = name.removesuffix("_options")
+            arguments += [f"--{flag}={key}={option}" for key, option in value.items()]
         else:
             arguments += [f"--{name.replace('_', '-')}", str(value)]
     return arguments

@@ -19,6 +19,10 @@ METHODS = ("adamw", "ddp", "lowrank-ddp", "diloco", "lordo")
 # LoRDO keyword arguments a recipe's lordo_options may set (the others come from the recipe/run)
 LORDO_OPTIONS = ("mu", "clip", "outer_lr", "outer_momentum", "full_rank_scale", "error_feedback",
                  "moments_on_refresh", "svd", "projection", "block_size", "anchor")
+# slimtrain.AdamW keyword arguments a recipe's adamw_options may set (beta1 and state_rounding
+# are fields of their own)
+ADAMW_OPTIONS = ("state_maps", "block_size", "quantile", "min_quantized_numel", "beta1_policy",
+                 "beta1_reference_bits")
 DATA_PARALLEL = ("ddp", "lowrank-ddp")  # gradients averaged every step by DistributedDataParallel
 
 
@@ -36,6 +40,8 @@ class Recipe:
     projection refreshed every ``refresh_every`` steps), "diloco" or "lordo" (rounds every
     ``sync_every`` steps). rank: of low-rank moments. omega: LoRDO's low-rank weight.
     lordo_options: further LoRDO keyword arguments, as (name, value) pairs.
+    adamw_options: further :class:`slimtrain.AdamW` keyword arguments (ADAMW_OPTIONS), as
+    (name, value) pairs, for the "adamw" and "ddp" methods.
     beta1: Adam's first-moment decay for this recipe in place of the caller's betas[0] (None:
     the caller's). ECO returns each injected error over about 1 / (1 - beta1) steps; eco-sr
     uses 0.8 (measured at 600 steps: -0.06% vs adamw at 0.9, against +2.14% at 0.9).
@@ -56,6 +62,7 @@ class Recipe:
     refresh_every: int = 50
     omega: float = 0.5
     lordo_options: tuple[tuple[str, Any], ...] = ()
+    adamw_options: tuple[tuple[str, Any], ...] = ()
     beta1: float | None = None
 
     @property
@@ -72,20 +79,21 @@ class Recipe:
     def optimizer_options(self) -> dict[str, Any]:
         """Keyword arguments of :class:`slimtrain.AdamW` that this recipe sets."""
         return dict(state_bits=self.state_bits, state_rounding=self.state_rounding,
-                    weight_update=self.weight_update, rounding=self.rounding)
+                    weight_update=self.weight_update, rounding=self.rounding, **dict(self.adamw_options))
 
     def make_optimizer(self, model_or_params: nn.Module | Any, *, lr: float,
                        betas: tuple[float, float] = (0.9, 0.999), weight_decay: float = 0.0,
-                       seed: int | None = None, **adamw_options: Any) -> torch.optim.Optimizer:
-        """This recipe's optimizer. ``adamw_options`` (compile, block_size, ...) go to
-        :class:`slimtrain.AdamW` and are ignored by the other methods. Low-rank methods need a
-        module: its :func:`default_linear_weights` take low-rank steps, the rest AdamW steps."""
+                       seed: int | None = None, **options: Any) -> torch.optim.Optimizer:
+        """This recipe's optimizer. ``options`` (compile, block_size, ...) go to
+        :class:`slimtrain.AdamW`, where the recipe's own options win, and are ignored by the other
+        methods. Low-rank methods need a module: its :func:`default_linear_weights` take low-rank
+        steps, the rest AdamW steps."""
         betas = (self.beta1, betas[1]) if self.beta1 is not None else betas
         common = dict(lr=lr, betas=betas, weight_decay=weight_decay)
         is_module = isinstance(model_or_params, nn.Module)
         params = list(model_or_params.parameters() if is_module else model_or_params)
         if self.method in ("adamw", "ddp"):
-            return AdamW(params, **common, seed=seed, **adamw_options, **self.optimizer_options())
+            return AdamW(params, **common, seed=seed, **{**options, **self.optimizer_options()})
         if self.method == "diloco":
             return DiLoCo(params, **common, sync_every=self.sync_every, seed=seed or 0)
         if not is_module:

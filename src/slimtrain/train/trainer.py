@@ -33,6 +33,7 @@ from slimtrain.train.data import DEFAULT_CORPUS, load_corpus, load_tokenizer, ra
 from slimtrain.train.models import GPT, GPT_SIZES
 from slimtrain.train.plan import model_tensor_specs, parameter_count, static_memory
 from slimtrain.train.recipes import (
+    ADAMW_OPTIONS,
     DATA_PARALLEL,
     DEFAULT_RECIPE,
     LORDO_OPTIONS,
@@ -58,6 +59,9 @@ class TrainConfig:
     ``clip``: maximum global gradient norm (0 = no clipping). ``sync_every``, ``low_rank``,
     ``omega``: override the recipe's (rounds, rank of low-rank moments, LoRDO's ω);
     ``lordo_options``: further :class:`slimtrain.LoRDO` keyword arguments for LoRDO recipes.
+    ``optim_options``: for AdamW recipes, "beta1", "state_rounding" or a further
+    :class:`slimtrain.AdamW` keyword argument (ADAMW_OPTIONS); pairs such as state_maps may be
+    given as "m,v" strings.
     ``dist_timeout``: seconds a collective may wait for the other ranks before the run fails."""
 
     recipe: str = DEFAULT_RECIPE
@@ -83,6 +87,7 @@ class TrainConfig:
     low_rank: int | None = None
     omega: float | None = None
     lordo_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    optim_options: dict[str, Any] = dataclasses.field(default_factory=dict)
     dist_timeout: float = 120.0
 
     def validate(self) -> None:
@@ -124,8 +129,24 @@ class TrainConfig:
         return config
 
 
+def _adamw_overrides(recipe: Recipe, options: dict[str, Any]) -> dict[str, Any]:
+    """Recipe fields that ``options`` (TrainConfig.optim_options) set on the AdamW ``recipe``."""
+    if recipe.method not in ("adamw", "ddp"):
+        raise ValueError(f"optim options apply to AdamW recipes, not to {recipe.name!r}")
+    accepted = ("beta1", "state_rounding", *ADAMW_OPTIONS)
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise ValueError(f"unknown optim option(s) {', '.join(unknown)}; accepted: {', '.join(accepted)}")
+    pairs = ("state_maps", "state_rounding")
+    values = {key: tuple(value.split(",") if isinstance(value, str) else value) if key in pairs else value
+              for key, value in options.items()}
+    own_fields = {key: values.pop(key) for key in ("beta1", "state_rounding") if key in values}
+    return dict(own_fields, adamw_options=tuple({**dict(recipe.adamw_options), **values}.items()))
+
+
 def run_recipe(config: TrainConfig) -> Recipe:
-    """The recipe of ``config`` with its overrides (sync_every, low_rank, omega) applied."""
+    """The recipe of ``config`` with its overrides (sync_every, low_rank, omega, lordo and optim
+    options) applied."""
     recipe = get_recipe(config.recipe)
     overrides = dict(sync_every=config.sync_every, rank=config.low_rank, omega=config.omega)
     if config.lordo_options:
@@ -136,6 +157,8 @@ def run_recipe(config: TrainConfig) -> Recipe:
             raise ValueError(f"unknown lordo option(s) {', '.join(unknown)}; "
                              f"accepted: {', '.join(LORDO_OPTIONS)}")
         overrides["lordo_options"] = tuple({**dict(recipe.lordo_options), **config.lordo_options}.items())
+    if config.optim_options:
+        overrides.update(_adamw_overrides(recipe, config.optim_options))
     return dataclasses.replace(recipe, **{k: v for k, v in overrides.items() if v is not None})
 
 

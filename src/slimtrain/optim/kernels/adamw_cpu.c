@@ -11,7 +11,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#if defined(__AVX2__)
+#if defined(__AVX__)
 #include <immintrin.h>
 #endif
 
@@ -57,107 +57,127 @@ static inline float bits_float(uint32_t b) { float x; memcpy(&x, &b, sizeof x); 
  * integer counts do not depend on the order of evaluation, so lanes give the same bits. */
 typedef float f8 __attribute__((vector_size(32)));
 typedef int32_t i8 __attribute__((vector_size(32)));
+typedef uint32_t u8v __attribute__((vector_size(32)));
+static const u8v LANE = {0, 1, 2, 3, 4, 5, 6, 7};
 static inline f8 load8(const float *p) { f8 v; memcpy(&v, p, sizeof v); return v; }
+static inline i8 load8i(const int32_t *p) { i8 v; memcpy(&v, p, sizeof v); return v; }
 static inline void store8i(int32_t *p, i8 v) { memcpy(p, &v, sizeof v); }
 static inline f8 splat8(float x) { return (f8){x, x, x, x, x, x, x, x}; }
-static inline f8 select8(i8 mask, f8 a, f8 b) { return (f8)((mask & (i8)a) | (~mask & (i8)b)); }
+/* a where mask (all ones), else b */
+static inline f8 select8(i8 mask, f8 a, f8 b) {
+#if defined(__AVX__)
+    return (f8)_mm256_blendv_ps((__m256)b, (__m256)a, (__m256)mask);
+#else
+    return (f8)((mask & (i8)a) | (~mask & (i8)b));
+#endif
+}
 static inline f8 max8(f8 a, f8 b) { return select8(a > b, a, b); }
+/* noise_at of the 8 indices index .. index + 7 */
+static inline f8 noise8(uint32_t key, int64_t index) {
+    u8v x = ((u8v){0} + ((uint32_t)index + key)) + LANE;
+    for (int round = 0; round < 2; ++round) x = ((x >> 16) ^ x) * 0x45D9F3Bu;
+    x = (x >> 16) ^ x;
+    return __builtin_convertvector((i8)(x >> 8), f8) * (1.0f / 16777216.0f);
+}
+
 static inline float lanes_max(f8 v, float start) {
     for (int j = 0; j < 8; ++j) start = v[j] > start ? v[j] : start;
     return start;
 }
 
-/* frexp by bit manipulation (subnormals scaled by 2^24 first), branch-free so that loops vectorize */
-static inline float portable_log2(float x) {
-    int subnormal = x < TINY;
-    uint32_t b = float_bits(subnormal ? x * 16777216.0f : x);
-    int32_t e = (int32_t)((b >> 23) & 0xFF) - 126 - (subnormal ? 24 : 0);
-    float m = bits_float((b & 0x007FFFFFu) | 0x3F000000u); /* in [0.5, 1) */
-    int small = m < 0.7071067690849304f;
-    m = small ? m * 2.0f : m;
-    e = e - small;
-    float s = (m - 1.0f) / (m + 1.0f);
-    float s2 = s * s;
-    float series = 0.1111111119389534f;
+static inline f8 floor8(f8 v) {
+    for (int j = 0; j < 8; ++j) v[j] = floorf(v[j]);
+    return v;
+}
+
+/* log2 of each lane: frexp by bit manipulation (subnormals scaled by 2^24 first), then the atanh
+ * series of slimtrain.quant.elementary.log2, branch-free */
+static inline f8 log2_8(f8 x) {
+    const i8 subnormal = x < TINY;
+    const i8 b = (i8)select8(subnormal, x * 16777216.0f, x);
+    i8 e = ((b >> 23) & 0xFF) - 126 - (subnormal & 24);
+    f8 m = (f8)((b & 0x007FFFFF) | 0x3F000000); /* in [0.5, 1) */
+    const i8 small = m < 0.7071067690849304f;
+    m = select8(small, m * 2.0f, m);
+    e = e + small; /* small is -1 where true */
+    const f8 s = (m - 1.0f) / (m + 1.0f);
+    const f8 s2 = s * s;
+    f8 series = splat8(0.1111111119389534f);
     series = series * s2 + 0.1428571492433548f;
     series = series * s2 + 0.20000000298023224f;
     series = series * s2 + 0.3333333432674408f;
     series = series * s2 + 1.0f;
-    float r = (float)e + (s * series) * 2.885390043258667f;
-    return x > 0.0f ? (x == INFINITY ? x : r) : (x == 0.0f ? -INFINITY : NAN);
+    f8 r = __builtin_convertvector(e, f8) + (s * series) * 2.885390043258667f;
+    r = select8(x == INFINITY, x, r);
+    return select8(x > 0.0f, r, select8(x == 0.0f, splat8(-INFINITY), splat8(NAN)));
 }
 
-static inline float power_of_two(int32_t n) {
-    uint32_t bits = (uint32_t)(n + 127) << 23;
-    float f;
-    memcpy(&f, &bits, sizeof f);
-    return f;
-}
+/* 2^n for int32 lanes n in [-126, 127], from the exponent bits */
+static inline f8 power_of_two8(i8 n) { return (f8)((n + 127) << 23); }
 
-static inline float portable_exp2(float y) {
+/* exp2 of each lane, as slimtrain.quant.elementary.exp2: 0 below -252, +inf above 254 */
+static inline f8 exp2_8(f8 y) {
     static const float coeff[9] = {1.3215486660556053e-06f, 1.5252733646775596e-05f,
                                    0.0001540352968731895f, 0.0013333557872101665f,
                                    0.009618128649890423f, 0.05550410971045494f,
                                    0.24022650718688965f, 0.6931471824645996f, 1.0f};
-    if (isnan(y)) return y;
-    if (y < -252.0f) return 0.0f;
-    if (y > 254.0f) return INFINITY;
-    float n = floorf(y + 0.5f);
-    float r = y - n;
-    float p = coeff[0];
+    const i8 below = y < -252.0f, above = y > 254.0f;
+    const f8 clamped = select8(below, splat8(-252.0f), select8(above, splat8(254.0f), y));
+    const f8 n = floor8(clamped + 0.5f);
+    const f8 r = clamped - n;
+    f8 p = splat8(coeff[0]);
     for (int k = 1; k < 9; ++k) p = p * r + coeff[k];
-    int32_t whole = (int32_t)n;
-    int32_t half = whole >= 0 ? whole / 2 : -((-whole + 1) / 2);
-    return p * power_of_two(half) * power_of_two(whole - half);
+    const i8 whole = __builtin_convertvector(select8(n == n, n, splat8(0.0f)), i8);
+    const i8 half = whole >> 1; /* floor(whole / 2) */
+    f8 result = p * power_of_two8(half) * power_of_two8(whole - half);
+    result = select8(below, splat8(0.0f), select8(above, splat8(INFINITY), result));
+    return select8(y == y, result, y); /* NaN stays NaN */
 }
 
+static inline float power_of_two(int32_t n) { return bits_float((uint32_t)(n + 127) << 23); }
+
 /* ------------------------------------------------------------------------- bit packing */
-/* 8 codes of `bits` bits fill exactly `bits` bytes, little-endian: code j at bit j * bits */
-#define GROUP_LOOP(BITS, BODY) case BITS: for (int64_t g = 0; g < count / 8; ++g) { BODY(BITS) } break;
-#define UNPACK_GROUP(BITS) \
-    uint64_t word = 0; memcpy(&word, src + g * BITS, BITS); \
-    for (int j = 0; j < 8; ++j) codes[g * 8 + j] = (int32_t)((word >> (j * BITS)) & ((1u << BITS) - 1));
-#define PACK_GROUP(BITS) \
-    uint64_t word = 0; \
-    for (int j = 0; j < 8; ++j) word |= (uint64_t)codes[g * 8 + j] << (j * BITS); \
-    memcpy(dst + g * BITS, &word, BITS);
+/* 8 codes of `bits` bits fill exactly `bits` bytes, little-endian: code j at bit j * bits. One
+ * group of 8 codes is one vector; `bits` is a constant wherever these are inlined. */
+
+static inline __attribute__((always_inline)) i8 unpack8(const uint8_t *src, int bits) {
+    uint64_t word = 0;
+    memcpy(&word, src, (size_t)bits);
+    if (bits <= 4) /* every code in a 32-bit word: one shift per lane */
+        return (i8)((((u8v){0} + (uint32_t)word) >> (LANE * (uint32_t)bits)) & ((1u << bits) - 1));
+    i8 codes;
+    for (int j = 0; j < 8; ++j) codes[j] = (int32_t)((word >> (j * bits)) & ((1u << bits) - 1));
+    return codes;
+}
+
+static inline __attribute__((always_inline)) void pack8(i8 codes, int bits, uint8_t *dst) {
+    uint64_t word = 0;
+    if (bits <= 4) { /* shift each lane into place, then OR the lanes together */
+        u8v w = (u8v)codes << (LANE * (uint32_t)bits);
+        w |= __builtin_shuffle(w, (u8v){4, 5, 6, 7, 0, 1, 2, 3});
+        w |= __builtin_shuffle(w, (u8v){2, 3, 0, 1, 6, 7, 4, 5});
+        w |= __builtin_shuffle(w, (u8v){1, 0, 3, 2, 5, 4, 7, 6});
+        word = w[0];
+    } else {
+        for (int j = 0; j < 8; ++j) word |= (uint64_t)(uint32_t)codes[j] << (j * bits);
+    }
+    memcpy(dst, &word, (size_t)bits);
+}
+
+#define EACH_CODE_WIDTH(CASE) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(7) CASE(8)
 
 static void unpack_block(const uint8_t *src, int bits, int64_t count, int32_t *codes) {
-    switch (bits) { /* whole bytes of 2, 4 or 8 codes: byte loops that vectorize */
-        case 2:
-            for (int64_t b = 0; b < count / 4; ++b)
-                for (int j = 0; j < 4; ++j) codes[4 * b + j] = (src[b] >> (2 * j)) & 3;
-            return;
-        case 4:
-            for (int64_t b = 0; b < count / 2; ++b) {
-                codes[2 * b] = src[b] & 15;
-                codes[2 * b + 1] = src[b] >> 4;
-            }
-            return;
-        case 8:
-            for (int64_t i = 0; i < count; ++i) codes[i] = src[i];
-            return;
-        GROUP_LOOP(3, UNPACK_GROUP) GROUP_LOOP(5, UNPACK_GROUP) GROUP_LOOP(6, UNPACK_GROUP)
-        GROUP_LOOP(7, UNPACK_GROUP)
-    }
+#define UNPACK_CASE(BITS) \
+    case BITS: for (int64_t g = 0; g < count / 8; ++g) store8i(codes + 8 * g, unpack8(src + BITS * g, BITS)); break;
+    switch (bits) { EACH_CODE_WIDTH(UNPACK_CASE) }
+#undef UNPACK_CASE
 }
 
 static void pack_block(const int32_t *codes, int bits, int64_t count, uint8_t *dst) {
-    switch (bits) { /* whole bytes of 2, 4 or 8 codes: byte loops that vectorize */
-        case 2:
-            for (int64_t b = 0; b < count / 4; ++b)
-                dst[b] = (uint8_t)(codes[4 * b] | codes[4 * b + 1] << 2 | codes[4 * b + 2] << 4
-                                   | codes[4 * b + 3] << 6);
-            return;
-        case 4:
-            for (int64_t b = 0; b < count / 2; ++b) dst[b] = (uint8_t)(codes[2 * b] | codes[2 * b + 1] << 4);
-            return;
-        case 8:
-            for (int64_t i = 0; i < count; ++i) dst[i] = (uint8_t)codes[i];
-            return;
-        GROUP_LOOP(3, PACK_GROUP) GROUP_LOOP(5, PACK_GROUP) GROUP_LOOP(6, PACK_GROUP)
-        GROUP_LOOP(7, PACK_GROUP)
-    }
+#define PACK_CASE(BITS) \
+    case BITS: for (int64_t g = 0; g < count / 8; ++g) pack8(load8i(codes + 8 * g), BITS, dst + BITS * g); break;
+    switch (bits) { EACH_CODE_WIDTH(PACK_CASE) }
+#undef PACK_CASE
 }
 
 /* out[i] = number of entries of sorted table[0..n) below x[i] (<= x[i] if inclusive) */
@@ -230,31 +250,57 @@ static void lookup(const float *table, int size, const int32_t *codes, int64_t c
     for (int64_t i = 0; i < count; ++i) out[i] = table[codes[i]];
 }
 
-typedef struct { float *work; int32_t *codes, *counts; } scratch_t; /* block-sized buffers */
+/* Blocks are decoded and encoded in groups of GROUP consecutive blocks, so that the per-block
+ * scalar work of the logarithmic map (log2 and exp2 of its scales, the quantile bisection) runs
+ * with one block per vector lane. */
+#define GROUP 8
 
-static void decode_block(const state_t *s, int64_t block, int64_t block_size, int64_t valid,
-                         float *out, int32_t *codes) {
-    int64_t start = block * block_size;
+typedef struct { float *log_x; int32_t *codes, *counts; } scratch_t; /* log_x: GROUP blocks; others: one */
+
+static inline int64_t valid_in(int64_t numel, int64_t block, int64_t block_size) {
+    int64_t rest = numel - block * block_size;
+    return rest < block_size ? rest : block_size;
+}
+
+/* geometric levels of `count` blocks from their (max, x_p) scales: tables[b][k], k = 0 .. last */
+static void log_tables(const float *scales, int count, int last, float tables[GROUP][256]) {
+    f8 top = splat8(0.0f), bottom = splat8(0.0f);
+    for (int b = 0; b < count; ++b) {
+        top[b] = scales[2 * b];
+        bottom[b] = scales[2 * b + 1];
+    }
+    const i8 positive = top > 0.0f;
+    const f8 log_top = log2_8(select8(positive, top, splat8(1.0f)));
+    const f8 step = (log_top - log2_8(select8(positive, bottom, splat8(1.0f)))) / (float)last;
+    for (int k = 0; k <= last; ++k) {
+        const f8 level = select8(positive, exp2_8(log_top - step * (float)k), splat8(0.0f));
+        for (int b = 0; b < count; ++b) tables[b][k] = level[b];
+    }
+}
+
+/* blocks first .. first + count - 1 (count <= GROUP) of state s into out (count * block_size
+ * floats; elements past numel read as 0) */
+static void decode_group(const state_t *s, int64_t first, int count, int64_t block_size,
+                         int64_t numel, float *out, int32_t *codes) {
+    const int64_t start = first * block_size;
     if (s->kind == KIND_FLOAT) {
+        int64_t valid = numel - start < count * block_size ? numel - start : count * block_size;
         memcpy(out, s->values + start, (size_t)valid * sizeof(float));
-        for (int64_t i = valid; i < block_size; ++i) out[i] = 0.0f;
+        for (int64_t i = valid; i < count * block_size; ++i) out[i] = 0.0f;
         return;
     }
-    unpack_block(s->codes + start * s->bits / 8, s->bits, block_size, codes);
-    float table[256];
-    int last = (1 << s->bits) - 1;
-    if (s->kind == KIND_CODEBOOK) {
-        float scale = s->scales[block];
-        for (int k = 0; k <= last; ++k) table[k] = s->levels[k] * scale;
-    } else {
-        float top = s->scales[2 * block], bottom = s->scales[2 * block + 1];
-        int positive = top > 0.0f;
-        float log_top = portable_log2(positive ? top : 1.0f);
-        float step = (log_top - portable_log2(positive ? bottom : 1.0f)) / (float)last;
-        for (int k = 0; k <= last; ++k)
-            table[k] = positive ? portable_exp2(log_top - step * (float)k) : 0.0f;
+    const int last = (1 << s->bits) - 1;
+    float tables[GROUP][256];
+    if (s->kind == KIND_LOG) log_tables(s->scales + 2 * first, count, last, tables);
+    for (int b = 0; b < count; ++b) {
+        if (s->kind == KIND_CODEBOOK) {
+            const float scale = s->scales[first + b];
+            for (int k = 0; k <= last; ++k) tables[b][k] = s->levels[k] * scale;
+        }
+        const int64_t at = start + b * block_size;
+        unpack_block(s->codes + at * s->bits / 8, s->bits, block_size, codes);
+        lookup(tables[b], last + 1, codes, block_size, out + b * block_size);
     }
-    lookup(table, last + 1, codes, block_size, out);
 }
 
 static void encode_codebook(const state_t *s, int64_t block, int64_t block_size, const float *x,
@@ -265,7 +311,7 @@ static void encode_codebook(const state_t *s, int64_t block, int64_t block_size,
         lane_max = max8((f8)((i8)load8(x + i) & 0x7FFFFFFF), lane_max); /* |x| */
     float absmax = lanes_max(lane_max, 0.0f);
     float inverse = 1.0f / (absmax > 0.0f ? absmax : 1.0f);
-    float *y = w->work;
+    float *y = w->log_x;
     for (int64_t i = 0; i < block_size; ++i) y[i] = x[i] * inverse;
     if (!s->stochastic) {
         count_below(s->mids, n - 1, y, block_size, 0, w->codes);
@@ -282,74 +328,125 @@ static void encode_codebook(const state_t *s, int64_t block, int64_t block_size,
         }
     }
     s->scales[block] = absmax;
+    pack_block(w->codes, s->bits, block_size, s->codes + block * block_size * s->bits / 8);
 }
 
 #define QUANTILE_BISECTION_STEPS 8
 
-static void encode_log(const state_t *s, int64_t block, int64_t block_size, int64_t valid,
-                       const float *x, const scratch_t *w) {
-    float *log_x = w->work;
-    float rank = ceilf(s->quantile * (float)valid);
-    rank = (rank < 1.0f ? 1.0f : rank) + (float)(block_size - valid);
-    f8 lane_top = splat8(0.0f), lane_high = splat8(-INFINITY), lane_small = splat8(INFINITY);
-    i8 lane_zeros = {0};
-    for (int64_t i = 0; i < block_size; ++i) log_x[i] = portable_log2(x[i]);
-    for (int64_t i = 0; i < block_size; i += 8) {
-        f8 v = load8(x + i);
-        lane_top = max8(v, lane_top);
-        lane_high = max8(load8(log_x + i), lane_high);
-        lane_small = select8((v > 0.0f) & (v < lane_small), v, lane_small);
-        lane_zeros -= v == 0.0f;
-    }
-    float top = lanes_max(lane_top, 0.0f), high = lanes_max(lane_high, -INFINITY);
-    float smallest_positive = INFINITY;
-    int32_t zeros = 0;
-    for (int j = 0; j < 8; ++j) {
-        smallest_positive = lane_small[j] < smallest_positive ? lane_small[j] : smallest_positive;
-        zeros += lane_zeros[j];
-    }
-    float low = isfinite(smallest_positive) ? portable_log2(smallest_positive) : high;
-    for (int k = 0; k < QUANTILE_BISECTION_STEPS; ++k) {
-        float middle = (low + high) / 2.0f;
-        i8 lane_count = {0};
-        for (int64_t i = 0; i < block_size; i += 8) lane_count -= load8(log_x + i) <= middle;
-        int32_t count = 0;
-        for (int j = 0; j < 8; ++j) count += lane_count[j];
-        if ((float)count >= rank) high = middle; else low = middle;
-    }
-    f8 lane_snap = splat8(0.0f);
-    for (int64_t i = 0; i < block_size; i += 8)
-        lane_snap = max8(select8(load8(log_x + i) <= high, load8(x + i), splat8(0.0f)), lane_snap);
-    float snapped = lanes_max(lane_snap, 0.0f);
-    float bottom = (float)zeros >= rank ? (isfinite(smallest_positive) ? smallest_positive : 0.0f)
-                                        : snapped;
-
-    int last = (1 << s->bits) - 1;
-    float log_top = portable_log2(top > 0.0f ? top : 1.0f);
-    float step = (log_top - portable_log2(top > 0.0f ? bottom : 1.0f)) / (float)last;
-    float levels_per_octave = step > 0.0f ? 1.0f / step : 0.0f;
-    const int64_t start = block * block_size;
-    for (int64_t i = 0; i < block_size; ++i) {
-        float log_value = x[i] < TINY ? -126.0f : log_x[i];
-        float exponent = (log_top - log_value) * levels_per_octave;
-        float offset = s->stochastic ? noise_at(s->key, start + i) : 0.5f;
-        float code = floorf(exponent + offset);
-        w->codes[i] = (int32_t)(code < 0.0f ? 0.0f : (code > (float)last ? (float)last : code));
-    }
-    s->scales[2 * block] = top;
-    s->scales[2 * block + 1] = bottom;
+static inline int32_t lanes_sum(i8 v) {
+    v += __builtin_shuffle(v, (i8){4, 5, 6, 7, 0, 1, 2, 3});
+    v += __builtin_shuffle(v, (i8){2, 3, 0, 1, 6, 7, 4, 5});
+    v += __builtin_shuffle(v, (i8){1, 0, 3, 2, 5, 4, 7, 6});
+    return v[0];
 }
 
-static void encode_block(const state_t *s, int64_t block, int64_t block_size, int64_t valid,
-                         const float *x, const scratch_t *w) {
-    int64_t start = block * block_size;
-    if (s->kind == KIND_FLOAT) {
-        memcpy(s->values + start, x, (size_t)valid * sizeof(float));
-        return;
+/* slimtrain.quant.blockwise.quantize_log of blocks first .. first + count - 1, x holding their
+ * count * block_size values (zeros past numel); one block per lane for the per-block scalars */
+static void encode_log_group(const state_t *s, int64_t first, int count, int64_t block_size,
+                             int64_t numel, const float *x, const scratch_t *w) {
+    float *log_x = w->log_x;
+    f8 top = splat8(0.0f), high = splat8(0.0f), smallest = splat8(INFINITY), zeros = splat8(0.0f);
+    f8 rank = splat8(1.0f);
+    for (int b = 0; b < count; ++b) {
+        const float *xb = x + b * block_size;
+        float *lb = log_x + b * block_size;
+        f8 lane_top = splat8(0.0f), lane_high = splat8(-INFINITY), lane_small = splat8(INFINITY);
+        i8 lane_zeros = {0};
+        for (int64_t i = 0; i < block_size; i += 8) {
+            const f8 v = load8(xb + i), l = log2_8(v);
+            memcpy(lb + i, &l, sizeof l);
+            lane_top = max8(v, lane_top);
+            lane_high = max8(l, lane_high);
+            lane_small = select8((v > 0.0f) & (v < lane_small), v, lane_small);
+            lane_zeros -= v == 0.0f;
+        }
+        top[b] = lanes_max(lane_top, 0.0f);
+        high[b] = lanes_max(lane_high, -INFINITY);
+        float small_b = INFINITY;
+        for (int j = 0; j < 8; ++j) small_b = lane_small[j] < small_b ? lane_small[j] : small_b;
+        smallest[b] = small_b;
+        zeros[b] = (float)lanes_sum(lane_zeros);
+        const int64_t valid = valid_in(numel, first + b, block_size);
+        const float r = ceilf(s->quantile * (float)valid);
+        rank[b] = (r < 1.0f ? 1.0f : r) + (float)(block_size - valid);
     }
-    if (s->kind == KIND_CODEBOOK) encode_codebook(s, block, block_size, x, w);
-    else encode_log(s, block, block_size, valid, x, w);
-    pack_block(w->codes, s->bits, block_size, s->codes + start * s->bits / 8);
+    const i8 has_positive = smallest != INFINITY;
+    f8 low = select8(has_positive, log2_8(smallest), high);
+    for (int k = 0; k < QUANTILE_BISECTION_STEPS; ++k) {
+        const f8 middle = (low + high) / 2.0f;
+        f8 below = splat8(0.0f);
+        for (int b = 0; b < count; ++b) {
+            const float *lb = log_x + b * block_size;
+            const f8 threshold = splat8(middle[b]);
+            i8 lane_count = {0};
+            for (int64_t i = 0; i < block_size; i += 8) lane_count -= load8(lb + i) <= threshold;
+            below[b] = (float)lanes_sum(lane_count);
+        }
+        const i8 enough = below >= rank;
+        high = select8(enough, middle, high);
+        low = select8(enough, low, middle);
+    }
+    f8 snapped = splat8(0.0f); /* the largest element not above 2^high */
+    for (int b = 0; b < count; ++b) {
+        const float *xb = x + b * block_size, *lb = log_x + b * block_size;
+        const f8 threshold = splat8(high[b]);
+        f8 lane_snap = splat8(0.0f);
+        for (int64_t i = 0; i < block_size; i += 8)
+            lane_snap = max8(select8(load8(lb + i) <= threshold, load8(xb + i), splat8(0.0f)), lane_snap);
+        snapped[b] = lanes_max(lane_snap, 0.0f);
+    }
+    const f8 bottom = select8(zeros >= rank, select8(has_positive, smallest, splat8(0.0f)), snapped);
+    const int last = (1 << s->bits) - 1;
+    const i8 positive = top > 0.0f;
+    const f8 log_top = log2_8(select8(positive, top, splat8(1.0f)));
+    const f8 step = (log_top - log2_8(select8(positive, bottom, splat8(1.0f)))) / (float)last;
+    const f8 levels_per_octave = select8(step > 0.0f, 1.0f / step, splat8(0.0f));
+    for (int b = 0; b < count; ++b) {
+        const int64_t start = (first + b) * block_size;
+        const float *xb = x + b * block_size, *lb = log_x + b * block_size;
+        const f8 lt = splat8(log_top[b]), lpo = splat8(levels_per_octave[b]);
+        for (int64_t i = 0; i < block_size; i += 8) {
+            const f8 v = load8(xb + i);
+            const f8 exponent = (lt - select8(v < TINY, splat8(-126.0f), load8(lb + i))) * lpo;
+            const f8 offset = s->stochastic ? noise8(s->key, start + i) : splat8(0.5f);
+            f8 code = floor8(exponent + offset);
+            code = select8(code < 0.0f, splat8(0.0f), select8(code > (float)last, splat8((float)last), code));
+            store8i(w->codes + i, __builtin_convertvector(code, i8));
+        }
+        pack_block(w->codes, s->bits, block_size, s->codes + start * s->bits / 8);
+        s->scales[2 * (first + b)] = top[b];
+        s->scales[2 * (first + b) + 1] = bottom[b];
+    }
+}
+
+/* encode blocks first .. first + count - 1 (count <= GROUP) of state s from x (count * block_size
+ * floats, zeros past numel) */
+static void encode_group(const state_t *s, int64_t first, int count, int64_t block_size,
+                         int64_t numel, const float *x, const scratch_t *w) {
+    const int64_t start = first * block_size;
+    if (s->kind == KIND_FLOAT) {
+        int64_t valid = numel - start < count * block_size ? numel - start : count * block_size;
+        memcpy(s->values + start, x, (size_t)valid * sizeof(float));
+    } else if (s->kind == KIND_CODEBOOK) {
+        for (int b = 0; b < count; ++b) encode_codebook(s, first + b, block_size, x + b * block_size, w);
+    } else {
+        encode_log_group(s, first, count, block_size, numel, x, w);
+    }
+}
+
+/* decode (encode) blocks first .. first + count - 1, any count, group by group */
+static void decode_blocks(const state_t *s, int64_t first, int64_t count, int64_t block_size,
+                          int64_t numel, float *out, int32_t *codes) {
+    for (int64_t b = 0; b < count; b += GROUP)
+        decode_group(s, first + b, count - b < GROUP ? (int)(count - b) : GROUP, block_size, numel,
+                     out + b * block_size, codes);
+}
+
+static void encode_blocks(const state_t *s, int64_t first, int64_t count, int64_t block_size,
+                          int64_t numel, const float *x, const scratch_t *w) {
+    for (int64_t b = 0; b < count; b += GROUP)
+        encode_group(s, first + b, count - b < GROUP ? (int)(count - b) : GROUP, block_size, numel,
+                     x + b * block_size, w);
 }
 
 /* ------------------------------------------------------------------- float8 weights */
@@ -449,20 +546,26 @@ int adamw_step_blocks(int64_t numel, int64_t block_size, int64_t first_block, in
                       float *param, const float *grad, const state_t *m, const state_t *v,
                       const adamw_scalars_t *c) {
     if (block_size <= 0 || block_size % 8 || block_size > 65536) return 1;
-    float m_buf[block_size], v_buf[block_size], log_x[block_size];
-    int32_t codes[block_size], counts[block_size];
-    const scratch_t work = {log_x, codes, counts};
+    const int64_t span = GROUP * block_size;
+    float *buffers = malloc((size_t)(3 * span) * sizeof(float));
+    int32_t *ints = malloc((size_t)(2 * block_size) * sizeof(int32_t));
+    if (!buffers || !ints) { free(buffers); free(ints); return 2; }
+    float *m_buf = buffers, *v_buf = buffers + span;
+    const scratch_t work = {buffers + 2 * span, ints, ints + block_size};
     const update_constants_t k = constants_of(c);
-    for (int64_t block = first_block; block < last_block; ++block) {
-        int64_t start = block * block_size;
-        int64_t valid = numel - start < block_size ? numel - start : block_size;
-        decode_block(m, block, block_size, valid, m_buf, codes);
-        decode_block(v, block, block_size, valid, v_buf, codes);
+    for (int64_t first = first_block; first < last_block; first += GROUP) {
+        const int count = last_block - first < GROUP ? (int)(last_block - first) : GROUP;
+        const int64_t start = first * block_size;
+        const int64_t valid = numel - start < count * block_size ? numel - start : count * block_size;
+        decode_blocks(m, first, count, block_size, numel, m_buf, ints);
+        decode_blocks(v, first, count, block_size, numel, v_buf, ints);
         adamw_update(param + start, grad + start, m_buf, v_buf, valid, k, NULL);
-        for (int64_t i = valid; i < block_size; ++i) m_buf[i] = v_buf[i] = 0.0f;
-        encode_block(m, block, block_size, valid, m_buf, &work);
-        encode_block(v, block, block_size, valid, v_buf, &work);
+        for (int64_t i = valid; i < count * block_size; ++i) m_buf[i] = v_buf[i] = 0.0f;
+        encode_blocks(m, first, count, block_size, numel, m_buf, &work);
+        encode_blocks(v, first, count, block_size, numel, v_buf, &work);
     }
+    free(buffers);
+    free(ints);
     return 0;
 }
 
@@ -476,8 +579,8 @@ int adamw_step_float8_rows(int64_t rows_per_unit, int64_t block_size, int64_t fi
                            const state_t *m, const state_t *v, const adamw_scalars_t *c) {
     const int64_t cols = f->cols, unit = rows_per_unit * cols;
     if (block_size <= 0 || block_size % 8 || block_size > 65536 || unit % block_size) return 1;
-    float *buffers = malloc((size_t)(3 * unit + cols + block_size) * sizeof(float));
-    int32_t *ints = malloc((size_t)(unit + cols + 2 * block_size) * sizeof(int32_t));
+    float *buffers = malloc((size_t)(3 * unit + cols + GROUP * block_size) * sizeof(float));
+    int32_t *ints = malloc((size_t)(cols + 2 * block_size) * sizeof(int32_t));
     if (!buffers || !ints) { free(buffers); free(ints); return 2; }
     float *w_all = buffers, *m_all = buffers + unit, *v_all = buffers + 2 * unit;
     float *denominators = buffers + 3 * unit;
@@ -493,11 +596,9 @@ int adamw_step_float8_rows(int64_t rows_per_unit, int64_t block_size, int64_t fi
         const int64_t row_count = f->rows - first_row < rows_per_unit ? f->rows - first_row : rows_per_unit;
         const int64_t count = row_count * cols, first_block = start / block_size;
         const int64_t blocks = (count + block_size - 1) / block_size;
-        for (int64_t b = 0; b < blocks; ++b) {
-            int64_t valid = count - b * block_size < block_size ? count - b * block_size : block_size;
-            decode_block(m, first_block + b, block_size, valid, m_all + b * block_size, ints);
-            decode_block(v, first_block + b, block_size, valid, v_all + b * block_size, ints);
-        }
+        const int64_t numel = f->rows * cols;
+        decode_blocks(m, first_block, blocks, block_size, numel, m_all, ints);
+        decode_blocks(v, first_block, blocks, block_size, numel, v_all, ints);
         for (int64_t r = 0; r < row_count; ++r) {
             const int64_t row = first_row + r, at = row * cols;
             float *w_row = w_all + r * cols, *m_row = m_all + r * cols, *v_row = v_all + r * cols;
@@ -532,11 +633,8 @@ int adamw_step_float8_rows(int64_t rows_per_unit, int64_t block_size, int64_t fi
                 for (i = 0; i < cols; ++i) m_row[i] = m_row[i] + eco_scale * denominators[i] * w_row[i];
         }
         for (int64_t i = count; i < blocks * block_size; ++i) m_all[i] = v_all[i] = 0.0f;
-        for (int64_t b = 0; b < blocks; ++b) {
-            int64_t valid = count - b * block_size < block_size ? count - b * block_size : block_size;
-            encode_block(m, first_block + b, block_size, valid, m_all + b * block_size, &work);
-            encode_block(v, first_block + b, block_size, valid, v_all + b * block_size, &work);
-        }
+        encode_blocks(m, first_block, blocks, block_size, numel, m_all, &work);
+        encode_blocks(v, first_block, blocks, block_size, numel, v_all, &work);
     }
     free(buffers);
     free(ints);
