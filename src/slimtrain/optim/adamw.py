@@ -153,8 +153,7 @@ class AdamW(LowBitOptimizer):
             neg_step_size=-scalars["step_size"], maximize=int(maximize),
         ))
         if float8:
-            weight = kernels.float8_args(param, weight_seed, weight_update == "eco", scalars["eco_scale"],
-                                         keep_alive)
+            weight = kernels.float8_args(param, weight_seed, weight_update == "eco", scalars["eco_scale"])
             rows, cols = param.shape
             per_unit = kernels.rows_per_unit(cols, block_size)
             kernels.run_blocks(library.adamw_step_float8_rows, per_unit, block_size,

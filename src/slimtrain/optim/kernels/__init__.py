@@ -9,7 +9,6 @@ code (one warning says why).
 from __future__ import annotations
 
 import ctypes
-import functools
 import hashlib
 import math
 import os
@@ -170,11 +169,10 @@ class Float8WeightArgs(ctypes.Structure):
         ("exponent_bias", ctypes.c_int32), ("max", ctypes.c_float),
         ("stochastic", ctypes.c_int32), ("key", ctypes.c_uint32), ("eco", ctypes.c_int32),
         ("eco_scale", ctypes.c_float), ("codes", ctypes.c_void_p), ("scales", ctypes.c_void_p),
-        ("table", ctypes.c_void_p),
     ]
 
 
-FLOAT8_LAYOUTS = {"fp8_e4m3": (torch.float8_e4m3fn, 3, 7), "fp8_e5m2": (torch.float8_e5m2, 2, 15)}
+FLOAT8_LAYOUTS = {"fp8_e4m3": (3, 7), "fp8_e5m2": (2, 15)}  # (mantissa bits, exponent bias)
 MAX_UNIT = 2**20  # elements of the kernel's unit of work: whole rows and whole state blocks
 
 
@@ -191,25 +189,15 @@ def float8_supported(format: WeightFormat, shape: torch.Size, block_size: int,
             and math.lcm(shape[1], block_size) <= MAX_UNIT and weight_update in ("eco", "naive"))
 
 
-@functools.cache
-def _float8_table(fmt: str) -> torch.Tensor:
-    """The 256 float32 values of the codes of ``fmt``, as torch decodes them."""
-    return torch.arange(256, dtype=torch.uint8).view(FLOAT8_LAYOUTS[fmt][0]).float()
-
-
-def float8_args(weight: QuantizedWeight, seed: int | None, eco: bool, eco_scale: float,
-                keep_alive: list) -> Float8WeightArgs:
+def float8_args(weight: QuantizedWeight, seed: int | None, eco: bool, eco_scale: float) -> Float8WeightArgs:
     """The ``float8_weight_t`` of a float8 QuantizedWeight (``seed``: stochastic rounding)."""
     fmt = weight.format.fmt
-    _, mantissa_bits, bias = FLOAT8_LAYOUTS[fmt]
-    table = _float8_table(fmt)
-    keep_alive.append(table)
+    mantissa_bits, bias = FLOAT8_LAYOUTS[fmt]
     return Float8WeightArgs(
         rows=weight.shape[0], cols=weight.shape[1], mantissa_bits=mantissa_bits, exponent_bias=bias,
         max=format_max(fmt),
         stochastic=int(seed is not None), key=0 if seed is None else noise_key(seed), eco=int(eco),
         eco_scale=eco_scale, codes=weight.codes.data_ptr(), scales=weight.scales.data_ptr(),
-        table=table.data_ptr(),
     )
 
 

@@ -461,53 +461,89 @@ typedef struct {
     float eco_scale;        /* ECO's factor: (1 - beta1^t) / lr * (1 - 1/beta1) [* decay] */
     uint8_t *codes;         /* (rows, cols) float8 codes */
     float *scales;          /* (rows,) absmax / max */
-    const float *table;     /* the 256 float8 values, as torch decodes them */
 } float8_weight_t;
 
 /* The float8 layout as loop-invariant locals (the struct's fields would be reloaded after every
  * store of a code byte, which may alias them, and block vectorizing). */
 typedef struct {
     int32_t mantissa_bits, exponent_bias;
-    float max, smallest_normal, subnormal_units;
-    const float *table;
+    float max, smallest_normal, subnormal_units, unbias;
 } float8_layout_t;
 
 static float8_layout_t layout_of(const float8_weight_t *f) {
     float8_layout_t l = {f->mantissa_bits, f->exponent_bias, f->max,
                          power_of_two(1 - f->exponent_bias),
-                         power_of_two(f->exponent_bias - 1 + f->mantissa_bits), f->table};
+                         power_of_two(f->exponent_bias - 1 + f->mantissa_bits),
+                         power_of_two(127 - f->exponent_bias)};
     return l;
 }
 
-/* nearest float8 code of |y| <= max, ties to even (as torch converts), branch-free */
-static inline int32_t float8_nearest(float y, float8_layout_t l) {
-    uint32_t bits = float_bits(y);
-    int32_t sign = (int32_t)((bits >> 24) & 0x80);
-    float a = fabsf(y);
-    int32_t subnormal = (int32_t)nearbyintf(a * l.subnormal_units); /* multiples of the smallest */
-    int shift = 23 - l.mantissa_bits;
-    uint32_t b = float_bits(a);
-    b += ((1u << shift) >> 1) - 1 + ((b >> shift) & 1); /* round to nearest, ties to even */
-    int32_t normal = (int32_t)(b >> shift) - ((127 - l.exponent_bias) << l.mantissa_bits);
-    return sign | (a < l.smallest_normal ? subnormal : normal);
+/* the values of 8 float8 codes, exactly as torch decodes every finite code: the code's exponent
+ * and mantissa bits placed in a float32 (a float32 subnormal where the float8 is subnormal) and
+ * rescaled by 2^(127 - bias). Codes above the largest finite value decode beyond max. */
+static inline f8 float8_decode8(i8 codes, float8_layout_t l) {
+    const i8 bits = ((codes & 0x7F) << (23 - l.mantissa_bits)) | ((codes & 0x80) << 24);
+    return (f8)bits * l.unbias;
 }
 
-/* slimtrain.quant.formats._float8_stochastic for one element, branch-free */
-static inline int32_t float8_stochastic(float y, float noise, float8_layout_t l) {
-    int32_t nearest = float8_nearest(y, l);
-    float near = l.table[nearest];
-    int32_t magnitude = nearest & 0x7F, sign = nearest & 0x80;
-    int32_t away = (fabsf(near) < fabsf(y)) | (near == 0.0f); /* the other neighbour is farther from 0 */
-    int32_t other_magnitude = away ? magnitude + 1 : magnitude - 1;
-    other_magnitude = other_magnitude < 0 ? 0 : (other_magnitude > 0x7F ? 0x7F : other_magnitude);
-    int32_t other_code = other_magnitude | sign;
-    float other = l.table[other_code];
-    int32_t usable = fabsf(other) <= l.max; /* finite and in range */
-    other_code = usable ? other_code : nearest;
-    other = usable ? other : near;
-    float gap = fabsf(other - near);
-    float p_other = gap > 0.0f ? fabsf(y - near) / (gap > 0.0f ? gap : 1.0f) : 0.0f;
-    return noise < p_other ? other_code : nearest;
+typedef uint8_t u8x8 __attribute__((vector_size(8)));
+
+/* BODY for i = 0, 8, 16, ... < COUNT with n = min(8, COUNT - i) elements: a constant 8 but in the tail */
+#define FOR_PARTS(COUNT, BODY) { \
+    int64_t i = 0; \
+    for (; i + 8 <= (COUNT); i += 8) { const int64_t n = 8; BODY } \
+    if (i < (COUNT)) { const int64_t n = (COUNT) - i; BODY } }
+
+/* n <= 8 floats (codes) from p, zeros after; and back */
+static inline f8 load_part(const float *p, int64_t n) { f8 v = {0}; memcpy(&v, p, (size_t)n * 4); return v; }
+static inline void store_part(float *p, f8 v, int64_t n) { memcpy(p, &v, (size_t)n * 4); }
+static inline i8 load_codes(const uint8_t *p, int64_t n) {
+    u8x8 c = {0};
+    memcpy(&c, p, (size_t)n);
+    return __builtin_convertvector(c, i8);
+}
+static inline void store_codes(uint8_t *p, i8 codes, int64_t n) {
+    u8x8 c = __builtin_convertvector(codes, u8x8);
+    memcpy(p, &c, (size_t)n);
+}
+
+/* nearest float8 codes of |y| <= max, ties to even (as torch converts) */
+static inline i8 float8_nearest8(f8 y, float8_layout_t l) {
+    const i8 sign = ((i8)y >> 24) & 0x80;
+    const f8 a = (f8)((i8)y & 0x7FFFFFFF);
+    f8 units = a * l.subnormal_units; /* multiples of the smallest subnormal, to nearest even */
+#if defined(__AVX__)
+    units = (f8)_mm256_round_ps((__m256)units, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+#else
+    for (int j = 0; j < 8; ++j) units[j] = nearbyintf(units[j]);
+#endif
+    const int shift = 23 - l.mantissa_bits;
+    u8v b = (u8v)a;
+    b += ((1u << shift) >> 1) - 1 + ((b >> shift) & 1); /* round to nearest, ties to even */
+    const i8 normal = (i8)(b >> shift) - ((127 - l.exponent_bias) << l.mantissa_bits);
+    const i8 subnormal = __builtin_convertvector(units, i8);
+    return sign | (i8)select8(a < l.smallest_normal, (f8)subnormal, (f8)normal);
+}
+
+/* slimtrain.quant.formats._float8_stochastic for 8 values |y| <= max and their noise in [0, 1) */
+static inline i8 float8_stochastic8(f8 y, f8 noise, float8_layout_t l) {
+    const i8 nearest = float8_nearest8(y, l);
+    const f8 near = float8_decode8(nearest, l);
+    const i8 magnitude = nearest & 0x7F, sign = nearest & 0x80;
+    const f8 abs_near = (f8)((i8)near & 0x7FFFFFFF), abs_y = (f8)((i8)y & 0x7FFFFFFF);
+    const i8 away = (abs_near < abs_y) | (near == 0.0f); /* the other neighbour is farther from 0 */
+    i8 other_magnitude = magnitude + (away & 2) - 1;
+    other_magnitude = (i8)select8(other_magnitude < 0, (f8)(i8){0}, (f8)other_magnitude);
+    other_magnitude = (i8)select8(other_magnitude > 0x7F, (f8)((i8){0} + 0x7F), (f8)other_magnitude);
+    i8 other_code = other_magnitude | sign;
+    f8 other = float8_decode8(other_code, l);
+    const i8 usable = (f8)((i8)other & 0x7FFFFFFF) <= l.max; /* finite and in range */
+    other_code = (i8)select8(usable, (f8)other_code, (f8)nearest);
+    other = select8(usable, other, near);
+    const f8 gap = (f8)((i8)(other - near) & 0x7FFFFFFF);
+    const f8 distance = (f8)((i8)(y - near) & 0x7FFFFFFF);
+    const f8 p_other = select8(gap > 0.0f, distance / select8(gap > 0.0f, gap, splat8(1.0f)), splat8(0.0f));
+    return (i8)select8(noise < p_other, (f8)other_code, (f8)nearest);
 }
 
 /* ------------------------------------------------------------------------------ the step */
@@ -580,11 +616,10 @@ int adamw_step_float8_rows(int64_t rows_per_unit, int64_t block_size, int64_t fi
     const int64_t cols = f->cols, unit = rows_per_unit * cols;
     if (block_size <= 0 || block_size % 8 || block_size > 65536 || unit % block_size) return 1;
     float *buffers = malloc((size_t)(3 * unit + cols + GROUP * block_size) * sizeof(float));
-    int32_t *ints = malloc((size_t)(cols + 2 * block_size) * sizeof(int32_t));
+    int32_t *ints = malloc((size_t)(2 * block_size) * sizeof(int32_t));
     if (!buffers || !ints) { free(buffers); free(ints); return 2; }
     float *w_all = buffers, *m_all = buffers + unit, *v_all = buffers + 2 * unit;
     float *denominators = buffers + 3 * unit;
-    int32_t *codes_i32 = ints + 2 * block_size;
     const scratch_t work = {buffers + 3 * unit + cols, ints, ints + block_size};
     const update_constants_t k = constants_of(c);
     const float8_layout_t l = layout_of(f);
@@ -603,34 +638,24 @@ int adamw_step_float8_rows(int64_t rows_per_unit, int64_t block_size, int64_t fi
             const int64_t row = first_row + r, at = row * cols;
             float *w_row = w_all + r * cols, *m_row = m_all + r * cols, *v_row = v_all + r * cols;
             uint8_t *codes = f->codes + at;
-            const float scale = f->scales[row];
-            for (int64_t i = 0; i < cols; ++i) w_row[i] = l.table[codes[i]] * scale;
+            const f8 scale = splat8(f->scales[row]);
+            FOR_PARTS(cols, store_part(w_row + i, float8_decode8(load_codes(codes + i, n), l) * scale, n);)
             adamw_update(w_row, grad + at, m_row, v_row, cols, k, eco ? denominators : NULL);
             f8 lane_max = splat8(0.0f); /* slimtrain.quant.formats.quantize_weight, row scales */
-            int64_t i = 0;
-            for (; i + 8 <= cols; i += 8) lane_max = max8((f8)((i8)load8(w_row + i) & 0x7FFFFFFF), lane_max);
-            float absmax = lanes_max(lane_max, 0.0f);
-            for (; i < cols; ++i) absmax = fabsf(w_row[i]) > absmax ? fabsf(w_row[i]) : absmax;
-            const float new_scale = absmax / l.max, divisor = new_scale > 0.0f ? new_scale : 1.0f;
-            if (stochastic) {
-                for (i = 0; i < cols; ++i) {
-                    float y = w_row[i] / divisor;
-                    y = y < -l.max ? -l.max : (y > l.max ? l.max : y);
-                    codes_i32[i] = float8_stochastic(y, noise_at(key, at + i), l);
-                }
-            } else {
-                for (i = 0; i < cols; ++i) {
-                    float y = w_row[i] / divisor;
-                    codes_i32[i] = float8_nearest(y < -l.max ? -l.max : (y > l.max ? l.max : y), l);
-                }
-            }
-            for (i = 0; i < cols; ++i) {
-                codes[i] = (uint8_t)codes_i32[i];
-                w_row[i] = w_row[i] - l.table[codes_i32[i]] * new_scale; /* the rounding error */
-            }
+            FOR_PARTS(cols, lane_max = max8((f8)((i8)load_part(w_row + i, n) & 0x7FFFFFFF), lane_max);)
+            const float absmax = lanes_max(lane_max, 0.0f), new_scale = absmax / l.max;
+            const f8 divisor = splat8(new_scale > 0.0f ? new_scale : 1.0f), top = splat8(l.max);
+            FOR_PARTS(cols, {
+                const f8 w = load_part(w_row + i, n);
+                f8 y = w / divisor;
+                y = select8(y < -top, -top, select8(y > top, top, y));
+                const i8 code = stochastic ? float8_stochastic8(y, noise8(key, at + i), l) : float8_nearest8(y, l);
+                store_codes(codes + i, code, n);
+                store_part(w_row + i, w - float8_decode8(code, l) * new_scale, n); /* the rounding error */
+            })
             f->scales[row] = new_scale;
             if (eco) /* m += (eco_scale * denominator) * error: ECO */
-                for (i = 0; i < cols; ++i) m_row[i] = m_row[i] + eco_scale * denominators[i] * w_row[i];
+                for (int64_t i = 0; i < cols; ++i) m_row[i] = m_row[i] + eco_scale * denominators[i] * w_row[i];
         }
         for (int64_t i = count; i < blocks * block_size; ++i) m_all[i] = v_all[i] = 0.0f;
         encode_blocks(m, first_block, blocks, block_size, numel, m_all, &work);
