@@ -502,9 +502,16 @@ static inline i8 load_codes(const uint8_t *p, int64_t n) {
     memcpy(&c, p, (size_t)n);
     return __builtin_convertvector(c, i8);
 }
-static inline void store_codes(uint8_t *p, i8 codes, int64_t n) {
+static inline void store_codes(uint8_t *p, i8 codes, int64_t n) { /* codes in 0 .. 255 */
+#if defined(__AVX2__)
+    const __m128i words = _mm_packus_epi32(_mm256_castsi256_si128((__m256i)codes),
+                                           _mm256_extracti128_si256((__m256i)codes, 1));
+    const __m128i bytes = _mm_packus_epi16(words, words);
+    memcpy(p, &bytes, (size_t)n);
+#else
     u8x8 c = __builtin_convertvector(codes, u8x8);
     memcpy(p, &c, (size_t)n);
+#endif
 }
 
 /* nearest float8 codes of |y| <= max, ties to even (as torch converts) */
@@ -540,9 +547,11 @@ static inline i8 float8_stochastic8(f8 y, f8 noise, float8_layout_t l) {
     const i8 usable = (f8)((i8)other & 0x7FFFFFFF) <= l.max; /* finite and in range */
     other_code = (i8)select8(usable, (f8)other_code, (f8)nearest);
     other = select8(usable, other, near);
+    /* neighbouring float8 values are a power of two apart, so distance / gap is distance times
+     * 1 / gap, whose exponent bits are 254 minus gap's: the same bits as the division */
     const f8 gap = (f8)((i8)(other - near) & 0x7FFFFFFF);
     const f8 distance = (f8)((i8)(y - near) & 0x7FFFFFFF);
-    const f8 p_other = select8(gap > 0.0f, distance / select8(gap > 0.0f, gap, splat8(1.0f)), splat8(0.0f));
+    const f8 p_other = select8(gap > 0.0f, distance * (f8)(0x7F000000 - (i8)gap), splat8(0.0f));
     return (i8)select8(noise < p_other, (f8)other_code, (f8)nearest);
 }
 
