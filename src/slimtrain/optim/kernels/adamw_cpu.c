@@ -166,13 +166,6 @@ static inline __attribute__((always_inline)) void pack8(i8 codes, int bits, uint
 
 #define EACH_CODE_WIDTH(CASE) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(7) CASE(8)
 
-static void unpack_block(const uint8_t *src, int bits, int64_t count, int32_t *codes) {
-#define UNPACK_CASE(BITS) \
-    case BITS: for (int64_t g = 0; g < count / 8; ++g) store8i(codes + 8 * g, unpack8(src + BITS * g, BITS)); break;
-    switch (bits) { EACH_CODE_WIDTH(UNPACK_CASE) }
-#undef UNPACK_CASE
-}
-
 static void pack_block(const int32_t *codes, int bits, int64_t count, uint8_t *dst) {
 #define PACK_CASE(BITS) \
     case BITS: for (int64_t g = 0; g < count / 8; ++g) pack8(load8i(codes + 8 * g), BITS, dst + BITS * g); break;
@@ -230,24 +223,42 @@ static void count_below(const float *table, int n, const float *x, int64_t count
 }
 
 /* ---------------------------------------------------------------------- decode / encode */
-/* out[i] = table[codes[i]] for a table of `size` entries */
-static void lookup(const float *table, int size, const int32_t *codes, int64_t count, float *out) {
+/* table[codes] for 8 codes of a table of `size` entries (held in registers up to 16) */
+typedef struct { f8 low, high; const float *table; int size; } table_t;
+
+static table_t table_of(const float *table, int size) {
+    table_t t = {splat8(0.0f), splat8(0.0f), table, size};
+    for (int k = 0; k < size && k < 16; ++k) {
+        if (k < 8) t.low[k] = table[k]; else t.high[k - 8] = table[k];
+    }
+    return t;
+}
+
+static inline __attribute__((always_inline)) f8 lookup8(const table_t *t, i8 codes) {
 #if defined(__AVX2__)
-    if (size <= 16) { /* in-register permutes instead of loads */
-        float padded[16] = {0};
-        memcpy(padded, table, (size_t)size * sizeof(float));
-        __m256 low = _mm256_loadu_ps(padded), high = _mm256_loadu_ps(padded + 8);
-        for (int64_t i = 0; i < count; i += 8) {
-            __m256i index = _mm256_loadu_si256((const __m256i *)(codes + i));
-            __m256 from_low = _mm256_permutevar8x32_ps(low, index);
-            __m256 from_high = _mm256_permutevar8x32_ps(high, index);
-            __m256 use_high = _mm256_castsi256_ps(_mm256_slli_epi32(index, 28)); /* bit 3 -> sign */
-            _mm256_storeu_ps(out + i, _mm256_blendv_ps(from_low, from_high, use_high));
-        }
-        return;
+    if (t->size <= 8) return (f8)_mm256_permutevar8x32_ps((__m256)t->low, (__m256i)codes);
+    if (t->size <= 16) {
+        const __m256 from_low = _mm256_permutevar8x32_ps((__m256)t->low, (__m256i)codes);
+        const __m256 from_high = _mm256_permutevar8x32_ps((__m256)t->high, (__m256i)codes);
+        return (f8)_mm256_blendv_ps(from_low, from_high, (__m256)(codes << 28)); /* bit 3 -> sign */
     }
 #endif
-    for (int64_t i = 0; i < count; ++i) out[i] = table[codes[i]];
+    f8 out;
+    for (int j = 0; j < 8; ++j) out[j] = t->table[codes[j]];
+    return out;
+}
+
+/* out[i] = table[code i] for the count (a multiple of 8) codes packed at src */
+static void decode_codes(const uint8_t *src, int bits, int64_t count, const table_t *t, float *out) {
+#define DECODE_CASE(BITS) \
+    case BITS: \
+        for (int64_t g = 0; g < count / 8; ++g) { \
+            const f8 values = lookup8(t, unpack8(src + BITS * g, BITS)); \
+            memcpy(out + 8 * g, &values, sizeof values); \
+        } \
+        break;
+    switch (bits) { EACH_CODE_WIDTH(DECODE_CASE) }
+#undef DECODE_CASE
 }
 
 /* Blocks are decoded and encoded in groups of GROUP consecutive blocks, so that the per-block
@@ -281,7 +292,7 @@ static void log_tables(const float *scales, int count, int last, float tables[GR
 /* blocks first .. first + count - 1 (count <= GROUP) of state s into out (count * block_size
  * floats; elements past numel read as 0) */
 static void decode_group(const state_t *s, int64_t first, int count, int64_t block_size,
-                         int64_t numel, float *out, int32_t *codes) {
+                         int64_t numel, float *out) {
     const int64_t start = first * block_size;
     if (s->kind == KIND_FLOAT) {
         int64_t valid = numel - start < count * block_size ? numel - start : count * block_size;
@@ -298,8 +309,8 @@ static void decode_group(const state_t *s, int64_t first, int count, int64_t blo
             for (int k = 0; k <= last; ++k) tables[b][k] = s->levels[k] * scale;
         }
         const int64_t at = start + b * block_size;
-        unpack_block(s->codes + at * s->bits / 8, s->bits, block_size, codes);
-        lookup(tables[b], last + 1, codes, block_size, out + b * block_size);
+        const table_t table = table_of(tables[b], last + 1);
+        decode_codes(s->codes + at * s->bits / 8, s->bits, block_size, &table, out + b * block_size);
     }
 }
 
@@ -436,10 +447,10 @@ static void encode_group(const state_t *s, int64_t first, int count, int64_t blo
 
 /* decode (encode) blocks first .. first + count - 1, any count, group by group */
 static void decode_blocks(const state_t *s, int64_t first, int64_t count, int64_t block_size,
-                          int64_t numel, float *out, int32_t *codes) {
+                          int64_t numel, float *out) {
     for (int64_t b = 0; b < count; b += GROUP)
         decode_group(s, first + b, count - b < GROUP ? (int)(count - b) : GROUP, block_size, numel,
-                     out + b * block_size, codes);
+                     out + b * block_size);
 }
 
 static void encode_blocks(const state_t *s, int64_t first, int64_t count, int64_t block_size,
@@ -602,8 +613,8 @@ int adamw_step_blocks(int64_t numel, int64_t block_size, int64_t first_block, in
         const int count = last_block - first < GROUP ? (int)(last_block - first) : GROUP;
         const int64_t start = first * block_size;
         const int64_t valid = numel - start < count * block_size ? numel - start : count * block_size;
-        decode_blocks(m, first, count, block_size, numel, m_buf, ints);
-        decode_blocks(v, first, count, block_size, numel, v_buf, ints);
+        decode_blocks(m, first, count, block_size, numel, m_buf);
+        decode_blocks(v, first, count, block_size, numel, v_buf);
         adamw_update(param + start, grad + start, m_buf, v_buf, valid, k, NULL);
         for (int64_t i = valid; i < count * block_size; ++i) m_buf[i] = v_buf[i] = 0.0f;
         encode_blocks(m, first, count, block_size, numel, m_buf, &work);
@@ -641,8 +652,8 @@ int adamw_step_float8_rows(int64_t rows_per_unit, int64_t block_size, int64_t fi
         const int64_t count = row_count * cols, first_block = start / block_size;
         const int64_t blocks = (count + block_size - 1) / block_size;
         const int64_t numel = f->rows * cols;
-        decode_blocks(m, first_block, blocks, block_size, numel, m_all, ints);
-        decode_blocks(v, first_block, blocks, block_size, numel, v_all, ints);
+        decode_blocks(m, first_block, blocks, block_size, numel, m_all);
+        decode_blocks(v, first_block, blocks, block_size, numel, v_all);
         for (int64_t r = 0; r < row_count; ++r) {
             const int64_t row = first_row + r, at = row * cols;
             float *w_row = w_all + r * cols, *m_row = m_all + r * cols, *v_row = v_all + r * cols;
