@@ -1,7 +1,10 @@
 /* One fused AdamW step over a range of blocks of a float32 parameter whose moments are stored in
  * float32, in bit-packed codes with an absmax scale per block (a codebook), or in bit-packed codes
- * on logarithmic levels (SOLO). Each block is decoded into a buffer in L1, updated, and encoded
- * again: one pass over the parameter, the gradient and the state bytes, no full-size temporary.
+ * on logarithmic levels (SOLO), and over float8 weights with row scales (ECO or naive updates).
+ * Groups of 8 blocks are decoded into buffers in L1, updated, and encoded again: one pass over the
+ * parameter, the gradient and the state bytes, no full-size temporary. Work is done on 8-lane
+ * vectors (GCC vector extensions; AVX2 where it helps), the per-block scalars of a group one
+ * block per lane.
  *
  * Every operation mirrors, in order and in float32, the eager torch code of slimtrain.quant and
  * slimtrain.optim.functional, so that both give the same bits (build with -ffp-contract=off).
@@ -47,7 +50,6 @@ static inline float noise_at(uint32_t key, int64_t index) {
 }
 
 /* ------------------------------------------------- log2 / exp2 of slimtrain.quant.elementary */
-static inline uint32_t float_bits(float x) { uint32_t b; memcpy(&b, &x, sizeof b); return b; }
 static inline float bits_float(uint32_t b) { float x; memcpy(&x, &b, sizeof x); return x; }
 
 #define TINY 1.17549435082228750797e-38f /* smallest normal float32 */
