@@ -1,5 +1,10 @@
 """The C kernel of the fused AdamW step gives the same bits as the eager torch step."""
 
+import os
+import platform
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -86,9 +91,10 @@ FLOAT8_CONFIGURATIONS = [
 
 
 @pytest.mark.parametrize("options", FLOAT8_CONFIGURATIONS, ids=str)
-@pytest.mark.parametrize("shape", [(64, 256), (77, 192), (5, 1000)])
+@pytest.mark.parametrize("shape", [(64, 256), (77, 192), (5, 1000), (40, 61)])
 def test_float8_weight_kernel_and_eager_agree_bit_for_bit(options, shape):
-    """Rows of 192 or 1000 elements: state blocks of 128 span rows (units of whole rows and blocks)."""
+    """Rows of 192, 1000 or 61 elements: state blocks of 128 span rows (units of whole rows and
+    blocks), and rows of 61 end inside an 8-lane vector."""
     options = dict(options)
     fmt = options.pop("fmt", "fp8_e4m3")
     fused, fused_state = run_float8(True, shape, fmt, **options)
@@ -105,3 +111,39 @@ def test_float8_kernel_is_the_path_taken(monkeypatch):
     monkeypatch.setattr(kernels, "float8_args", lambda *a: calls.append(a) or original(*a))
     run_float8(True, (77, 192), steps=2, state_bits=(4, 2), rounding="stochastic")
     assert len(calls) == 2
+
+
+DIGEST_SCRIPT = """
+import hashlib, sys, torch
+from tests.optim.test_kernels import run, run_float8
+from slimtrain.optim import kernels
+fused = sys.argv[1] == "fused"
+assert not fused or kernels.cpu_kernels() is not None
+digest = hashlib.sha256()
+for options in ({"state_bits": (4, 2)}, {"state_bits": (3, 8), "state_rounding": "stochastic"}):
+    param, state = run(fused, (37, 129), **options)
+    for tensor in (param, *state.values()):
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+weight, state = run_float8(fused, (40, 61), state_bits=(2, 2), rounding="stochastic")
+for tensor in (weight.codes.view(torch.uint8), weight.scales, *state.values()):
+    digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+print(digest.hexdigest())
+"""
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86-64 targets")
+def test_every_instruction_set_gives_the_same_bits(tmp_path):
+    """A build for plain x86-64 (no AVX: the kernel's fallback paths) and this CPU's build agree
+    with the eager step, bit for bit."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+    def digest(mode: str, march: str) -> str:
+        env = {**os.environ, "SLIMTRAIN_CACHE": str(tmp_path), kernels.MARCH_VARIABLE: march}
+        result = subprocess.run([sys.executable, "-c", DIGEST_SCRIPT, mode], cwd=root, env=env,
+                                capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr[-2000:]
+        return result.stdout
+
+    eager = digest("eager", "native")
+    assert digest("fused", "x86-64") == eager
+    assert digest("fused", "native") == eager

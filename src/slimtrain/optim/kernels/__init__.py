@@ -35,8 +35,15 @@ from slimtrain.weights.tensor import QuantizedWeight, WeightFormat
 SOURCE = Path(__file__).with_name("adamw_cpu.c")
 # -ffp-contract=off: no fused multiply-add, so that every operation rounds as the eager step's does;
 # -fno-trapping-math lets branch-free selects vectorize (it changes no result)
-FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math",
-         "-shared", "-fPIC", "-std=c11")
+FLAGS = ("-O3", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-shared", "-fPIC",
+         "-std=c11")
+MARCH_VARIABLE = "SLIMTRAIN_KERNEL_MARCH"  # gcc's -march: "native" (default) or e.g. "x86-64"
+
+
+def compiler_flags() -> tuple[str, ...]:
+    """FLAGS and the target instruction set: this CPU's, unless $SLIMTRAIN_KERNEL_MARCH names
+    another (every target gives the same bits; only the speed differs)."""
+    return (*FLAGS, f"-march={os.environ.get(MARCH_VARIABLE) or 'native'}")
 
 _loaded: ctypes.CDLL | None = None
 _failed = False
@@ -54,7 +61,7 @@ def _cpu_signature() -> str:
 def library_path() -> Path:
     """Where the compiled kernels of this source, flags and CPU are cached."""
     digest = hashlib.sha256(
-        SOURCE.read_bytes() + " ".join(FLAGS).encode() + _cpu_signature().encode()
+        SOURCE.read_bytes() + " ".join(compiler_flags()).encode() + _cpu_signature().encode()
     ).hexdigest()[:16]
     return cache_dir() / "kernels" / f"adamw_cpu-{digest}.so"
 
@@ -66,7 +73,7 @@ def _build(target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         built = Path(tmp) / target.name
-        result = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built), "-lm"],
+        result = subprocess.run([compiler, *compiler_flags(), str(SOURCE), "-o", str(built), "-lm"],
                                 capture_output=True, text=True)
         if result.returncode != 0:
             raise OSError(f"{compiler} failed: {result.stderr.strip()[:500]}")
