@@ -224,6 +224,69 @@ static void count_below(const float *table, int n, const float *x, int64_t count
     }
 }
 
+/* Tables of more than 16 entries (5- to 8-bit codebooks) are searched through buckets of float
+ * values: bucket b holds the floats whose order-preserving key is in [b, b + 1) << BUCKET_SHIFT
+ * above -1's, so that the count of entries below any y starts at below[bucket of y] (the entries
+ * in lower buckets) and needs `most` more comparisons (at most 2 for every codebook here). */
+#define BUCKET_SHIFT 18
+#define BUCKETS 8192
+
+typedef struct {
+    int n, most;                /* entries (<= 255), and the most in one bucket */
+    float table[256];           /* the n sorted entries, then +inf */
+    uint8_t below[BUCKETS + 4]; /* entries in lower buckets; 4 bytes readable from each */
+} search_t;
+
+/* the buckets of 8 values */
+static inline u8v buckets_of8(f8 y) {
+    const u8v bits = (u8v)y;
+    const u8v negative = (u8v)((i8)bits < 0);
+    const u8v key = (negative & ~bits) | (~negative & (bits | 0x80000000u)); /* order of floats */
+    const u8v b = (u8v)(key > 0x407FFFFFu) & ((key - 0x407FFFFFu) >> BUCKET_SHIFT); /* -1's key */
+    const u8v inside = (u8v)((i8)b < BUCKETS);
+    return (inside & b) | (~inside & (BUCKETS - 1));
+}
+
+static void prepare_search(const float *table, int n, search_t *out) {
+    out->n = n;
+    out->most = 0;
+    memset(out->below, 0, sizeof out->below);
+    for (int j = 0; j < 256; ++j) out->table[j] = j < n ? table[j] : INFINITY;
+    for (int j = 0, run = 0, previous = -1; j < n; ++j) {
+        const int b = (int)buckets_of8(splat8(table[j]))[0];
+        if (b + 1 < BUCKETS) out->below[b + 1] += 1; /* counts per bucket, summed below */
+        run = b == previous ? run + 1 : 1;
+        previous = b;
+        out->most = run > out->most ? run : out->most;
+    }
+    for (int b = 1; b < BUCKETS; ++b) out->below[b] = (uint8_t)(out->below[b] + out->below[b - 1]);
+}
+
+/* count_below of x[0 .. count) (a multiple of 8) in a prepared table */
+static void count_below_buckets(const search_t *s, const float *x, int64_t count, int inclusive,
+                                int32_t *out) {
+    for (int64_t i = 0; i < count; i += 8) {
+        const f8 y = load8(x + i);
+        const u8v bucket = buckets_of8(y);
+        i8 c;
+        f8 entry;
+#if defined(__AVX2__)
+        c = (i8)_mm256_i32gather_epi32((const int *)s->below, (__m256i)bucket, 1) & 0xFF;
+#else
+        for (int j = 0; j < 8; ++j) c[j] = s->below[bucket[j]];
+#endif
+        for (int k = 0; k < s->most; ++k) { /* branch-free steps: no mispredicted loop exits */
+#if defined(__AVX2__)
+            entry = (f8)_mm256_i32gather_ps(s->table, (__m256i)c, 4);
+#else
+            for (int j = 0; j < 8; ++j) entry[j] = s->table[c[j]];
+#endif
+            c -= inclusive ? entry <= y : entry < y;
+        }
+        store8i(out + i, c & (y == y)); /* NaN is above no entry */
+    }
+}
+
 /* ---------------------------------------------------------------------- decode / encode */
 /* table[codes] for 8 codes of a table of `size` entries (held in registers up to 16) */
 typedef struct { f8 low, high; const float *table; int size; } table_t;
@@ -268,7 +331,8 @@ static void decode_codes(const uint8_t *src, int bits, int64_t count, const tabl
  * with one block per vector lane. */
 #define GROUP 8
 
-typedef struct { float *log_x; int32_t *codes, *counts; } scratch_t; /* log_x: GROUP blocks; others: one */
+/* log_x: GROUP blocks; codes, counts: one; search: the state's prepared codebook table, or NULL */
+typedef struct { float *log_x; int32_t *codes, *counts; const search_t *search; } scratch_t;
 
 static inline int64_t valid_in(int64_t numel, int64_t block, int64_t block_size) {
     int64_t rest = numel - block * block_size;
@@ -327,10 +391,12 @@ static void encode_codebook(const state_t *s, int64_t block, int64_t block_size,
     float *y = w->log_x;
     for (int64_t i = 0; i < block_size; ++i) y[i] = x[i] * inverse;
     if (!s->stochastic) {
-        count_below(s->mids, n - 1, y, block_size, 0, w->codes);
+        if (w->search) count_below_buckets(w->search, y, block_size, 0, w->codes);
+        else count_below(s->mids, n - 1, y, block_size, 0, w->codes);
     } else {
         int64_t start = block * block_size;
-        count_below(s->levels + 1, n - 2, y, block_size, 1, w->counts);
+        if (w->search) count_below_buckets(w->search, y, block_size, 1, w->counts);
+        else count_below(s->levels + 1, n - 2, y, block_size, 1, w->counts);
         for (int64_t i = 0; i < block_size; ++i) {
             int low = w->counts[i];
             float low_level = s->levels[low];
@@ -430,6 +496,17 @@ static void encode_log_group(const state_t *s, int64_t first, int count, int64_t
         s->scales[2 * (first + b)] = top[b];
         s->scales[2 * (first + b) + 1] = bottom[b];
     }
+}
+
+/* the scratch of state s: the shared buffers, with s's codebook prepared in *search when its
+ * table has more than 16 entries */
+static scratch_t scratch_for(const state_t *s, scratch_t shared, search_t *search) {
+    if (s->kind == KIND_CODEBOOK && s->bits > 4) {
+        if (s->stochastic) prepare_search(s->levels + 1, (1 << s->bits) - 2, search);
+        else prepare_search(s->mids, (1 << s->bits) - 1, search);
+        shared.search = search;
+    }
+    return shared;
 }
 
 /* encode blocks first .. first + count - 1 (count <= GROUP) of state s from x (count * block_size
@@ -607,9 +684,11 @@ int adamw_step_blocks(int64_t numel, int64_t block_size, int64_t first_block, in
     const int64_t span = GROUP * block_size;
     float *buffers = malloc((size_t)(3 * span) * sizeof(float));
     int32_t *ints = malloc((size_t)(2 * block_size) * sizeof(int32_t));
-    if (!buffers || !ints) { free(buffers); free(ints); return 2; }
+    search_t *searches = malloc(2 * sizeof(search_t));
+    if (!buffers || !ints || !searches) { free(buffers); free(ints); free(searches); return 2; }
     float *m_buf = buffers, *v_buf = buffers + span;
-    const scratch_t work = {buffers + 2 * span, ints, ints + block_size};
+    const scratch_t shared = {buffers + 2 * span, ints, ints + block_size, NULL};
+    const scratch_t m_work = scratch_for(m, shared, searches), v_work = scratch_for(v, shared, searches + 1);
     const update_constants_t k = constants_of(c);
     for (int64_t first = first_block; first < last_block; first += GROUP) {
         const int count = last_block - first < GROUP ? (int)(last_block - first) : GROUP;
@@ -619,11 +698,12 @@ int adamw_step_blocks(int64_t numel, int64_t block_size, int64_t first_block, in
         decode_blocks(v, first, count, block_size, numel, v_buf);
         adamw_update(param + start, grad + start, m_buf, v_buf, valid, k, NULL);
         for (int64_t i = valid; i < count * block_size; ++i) m_buf[i] = v_buf[i] = 0.0f;
-        encode_blocks(m, first, count, block_size, numel, m_buf, &work);
-        encode_blocks(v, first, count, block_size, numel, v_buf, &work);
+        encode_blocks(m, first, count, block_size, numel, m_buf, &m_work);
+        encode_blocks(v, first, count, block_size, numel, v_buf, &v_work);
     }
     free(buffers);
     free(ints);
+    free(searches);
     return 0;
 }
 
@@ -639,10 +719,12 @@ int adamw_step_float8_rows(int64_t rows_per_unit, int64_t block_size, int64_t fi
     if (block_size <= 0 || block_size % 8 || block_size > 65536 || unit % block_size) return 1;
     float *buffers = malloc((size_t)(3 * unit + cols + GROUP * block_size) * sizeof(float));
     int32_t *ints = malloc((size_t)(2 * block_size) * sizeof(int32_t));
-    if (!buffers || !ints) { free(buffers); free(ints); return 2; }
+    search_t *searches = malloc(2 * sizeof(search_t));
+    if (!buffers || !ints || !searches) { free(buffers); free(ints); free(searches); return 2; }
     float *w_all = buffers, *m_all = buffers + unit, *v_all = buffers + 2 * unit;
     float *denominators = buffers + 3 * unit;
-    const scratch_t work = {buffers + 3 * unit + cols, ints, ints + block_size};
+    const scratch_t shared = {buffers + 3 * unit + cols, ints, ints + block_size, NULL};
+    const scratch_t m_work = scratch_for(m, shared, searches), v_work = scratch_for(v, shared, searches + 1);
     const update_constants_t k = constants_of(c);
     const float8_layout_t l = layout_of(f);
     const int eco = f->eco, stochastic = f->stochastic;
@@ -680,10 +762,11 @@ int adamw_step_float8_rows(int64_t rows_per_unit, int64_t block_size, int64_t fi
                 for (int64_t i = 0; i < cols; ++i) m_row[i] = m_row[i] + eco_scale * denominators[i] * w_row[i];
         }
         for (int64_t i = count; i < blocks * block_size; ++i) m_all[i] = v_all[i] = 0.0f;
-        encode_blocks(m, first_block, blocks, block_size, numel, m_all, &work);
-        encode_blocks(v, first_block, blocks, block_size, numel, v_all, &work);
+        encode_blocks(m, first_block, blocks, block_size, numel, m_all, &m_work);
+        encode_blocks(v, first_block, blocks, block_size, numel, v_all, &v_work);
     }
     free(buffers);
     free(ints);
+    free(searches);
     return 0;
 }
