@@ -121,8 +121,8 @@ fused = sys.argv[1] == "fused"
 assert not fused or kernels.cpu_kernels() is not None
 digest = hashlib.sha256()
 for options in ({"state_bits": (4, 2)}, {"state_bits": (3, 8), "state_rounding": "stochastic"},
-                {"state_bits": (7, 2)},
-                {"state_bits": (8, 6), "state_maps": ("dynamic", "dynamic"), "state_rounding": "stochastic"}):
+                {"state_bits": (8, 2)},
+                {"state_bits": (8, 8), "state_maps": ("dynamic", "dynamic"), "state_rounding": "stochastic"}):
     param, state = run(fused, (37, 129), **options)
     for tensor in (param, *state.values()):
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
