@@ -498,17 +498,6 @@ static void encode_log_group(const state_t *s, int64_t first, int count, int64_t
     }
 }
 
-/* the scratch of state s: the shared buffers, with s's codebook prepared in *search when its
- * table has more than 16 entries */
-static scratch_t scratch_for(const state_t *s, scratch_t shared, search_t *search) {
-    if (s->kind == KIND_CODEBOOK && s->bits > 4) {
-        if (s->stochastic) prepare_search(s->levels + 1, (1 << s->bits) - 2, search);
-        else prepare_search(s->mids, (1 << s->bits) - 1, search);
-        shared.search = search;
-    }
-    return shared;
-}
-
 /* encode blocks first .. first + count - 1 (count <= GROUP) of state s from x (count * block_size
  * floats, zeros past numel) */
 static void encode_group(const state_t *s, int64_t first, int count, int64_t block_size,
@@ -645,6 +634,53 @@ static inline i8 float8_stochastic8(f8 y, f8 noise, float8_layout_t l) {
     return (i8)select8(noise < p_other, (f8)other_code, (f8)nearest);
 }
 
+/* ------------------------------------------------------------------------- workspaces */
+/* What one kernel call allocates: `floats` floats for the caller, then the scratch of m and v
+ * (shared buffers; each state's codebook search prepared when its table has more than 16
+ * entries). */
+typedef struct { float *floats; int32_t *ints; search_t *searches; scratch_t m, v; } workspace_t;
+
+static scratch_t scratch_for(const state_t *s, scratch_t shared, search_t *search) {
+    if (s->kind == KIND_CODEBOOK && s->bits > 4) {
+        if (s->stochastic) prepare_search(s->levels + 1, (1 << s->bits) - 2, search);
+        else prepare_search(s->mids, (1 << s->bits) - 1, search);
+        shared.search = search;
+    }
+    return shared;
+}
+
+static void close_workspace(workspace_t *w) {
+    free(w->floats);
+    free(w->ints);
+    free(w->searches);
+}
+
+/* 0, or 2 when memory runs out */
+static int open_workspace(workspace_t *w, int64_t floats, int64_t block_size, const state_t *m,
+                          const state_t *v) {
+    w->floats = malloc((size_t)(floats + GROUP * block_size) * sizeof(float));
+    w->ints = malloc((size_t)(2 * block_size) * sizeof(int32_t));
+    w->searches = malloc(2 * sizeof(search_t));
+    if (!w->floats || !w->ints || !w->searches) {
+        close_workspace(w);
+        return 2;
+    }
+    const scratch_t shared = {w->floats + floats, w->ints, w->ints + block_size, NULL};
+    w->m = scratch_for(m, shared, w->searches);
+    w->v = scratch_for(v, shared, w->searches + 1);
+    return 0;
+}
+
+/* m_buf and v_buf (blocks whole blocks from block `first`) encoded into m and v, their elements
+ * from `valid` on zeroed first (the tensor's padding) */
+static void encode_states(const state_t *m, const state_t *v, const workspace_t *w, int64_t first,
+                          int64_t blocks, int64_t block_size, int64_t numel, int64_t valid,
+                          float *m_buf, float *v_buf) {
+    for (int64_t i = valid; i < blocks * block_size; ++i) m_buf[i] = v_buf[i] = 0.0f;
+    encode_blocks(m, first, blocks, block_size, numel, m_buf, &w->m);
+    encode_blocks(v, first, blocks, block_size, numel, v_buf, &w->v);
+}
+
 /* ------------------------------------------------------------------------------ the step */
 typedef struct {
     float w, beta2, one_minus_beta2, inverse_correction, eps, decay, neg_step_size;
@@ -682,13 +718,9 @@ int adamw_step_blocks(int64_t numel, int64_t block_size, int64_t first_block, in
                       const adamw_scalars_t *c) {
     if (block_size <= 0 || block_size % 8 || block_size > 65536) return 1;
     const int64_t span = GROUP * block_size;
-    float *buffers = malloc((size_t)(3 * span) * sizeof(float));
-    int32_t *ints = malloc((size_t)(2 * block_size) * sizeof(int32_t));
-    search_t *searches = malloc(2 * sizeof(search_t));
-    if (!buffers || !ints || !searches) { free(buffers); free(ints); free(searches); return 2; }
-    float *m_buf = buffers, *v_buf = buffers + span;
-    const scratch_t shared = {buffers + 2 * span, ints, ints + block_size, NULL};
-    const scratch_t m_work = scratch_for(m, shared, searches), v_work = scratch_for(v, shared, searches + 1);
+    workspace_t w;
+    if (open_workspace(&w, 2 * span, block_size, m, v)) return 2;
+    float *m_buf = w.floats, *v_buf = w.floats + span;
     const update_constants_t k = constants_of(c);
     for (int64_t first = first_block; first < last_block; first += GROUP) {
         const int count = last_block - first < GROUP ? (int)(last_block - first) : GROUP;
@@ -697,13 +729,9 @@ int adamw_step_blocks(int64_t numel, int64_t block_size, int64_t first_block, in
         decode_blocks(m, first, count, block_size, numel, m_buf);
         decode_blocks(v, first, count, block_size, numel, v_buf);
         adamw_update(param + start, grad + start, m_buf, v_buf, valid, k, NULL);
-        for (int64_t i = valid; i < count * block_size; ++i) m_buf[i] = v_buf[i] = 0.0f;
-        encode_blocks(m, first, count, block_size, numel, m_buf, &m_work);
-        encode_blocks(v, first, count, block_size, numel, v_buf, &v_work);
+        encode_states(m, v, &w, first, count, block_size, numel, valid, m_buf, v_buf);
     }
-    free(buffers);
-    free(ints);
-    free(searches);
+    close_workspace(&w);
     return 0;
 }
 
@@ -717,14 +745,11 @@ int adamw_step_float8_rows(int64_t rows_per_unit, int64_t block_size, int64_t fi
                            const state_t *m, const state_t *v, const adamw_scalars_t *c) {
     const int64_t cols = f->cols, unit = rows_per_unit * cols;
     if (block_size <= 0 || block_size % 8 || block_size > 65536 || unit % block_size) return 1;
-    float *buffers = malloc((size_t)(3 * unit + cols + GROUP * block_size) * sizeof(float));
-    int32_t *ints = malloc((size_t)(2 * block_size) * sizeof(int32_t));
-    search_t *searches = malloc(2 * sizeof(search_t));
-    if (!buffers || !ints || !searches) { free(buffers); free(ints); free(searches); return 2; }
-    float *w_all = buffers, *m_all = buffers + unit, *v_all = buffers + 2 * unit;
-    float *denominators = buffers + 3 * unit;
-    const scratch_t shared = {buffers + 3 * unit + cols, ints, ints + block_size, NULL};
-    const scratch_t m_work = scratch_for(m, shared, searches), v_work = scratch_for(v, shared, searches + 1);
+    workspace_t w;
+    if (open_workspace(&w, 3 * unit + cols, block_size, m, v)) return 2;
+    float *w_all = w.floats, *m_all = w.floats + unit, *v_all = w.floats + 2 * unit;
+    float *denominators = w.floats + 3 * unit;
+    const int64_t numel = f->rows * cols;
     const update_constants_t k = constants_of(c);
     const float8_layout_t l = layout_of(f);
     const int eco = f->eco, stochastic = f->stochastic;
@@ -735,7 +760,6 @@ int adamw_step_float8_rows(int64_t rows_per_unit, int64_t block_size, int64_t fi
         const int64_t row_count = f->rows - first_row < rows_per_unit ? f->rows - first_row : rows_per_unit;
         const int64_t count = row_count * cols, first_block = start / block_size;
         const int64_t blocks = (count + block_size - 1) / block_size;
-        const int64_t numel = f->rows * cols;
         decode_blocks(m, first_block, blocks, block_size, numel, m_all);
         decode_blocks(v, first_block, blocks, block_size, numel, v_all);
         for (int64_t r = 0; r < row_count; ++r) {
@@ -761,12 +785,8 @@ int adamw_step_float8_rows(int64_t rows_per_unit, int64_t block_size, int64_t fi
             if (eco) /* m += (eco_scale * denominator) * error: ECO */
                 for (int64_t i = 0; i < cols; ++i) m_row[i] = m_row[i] + eco_scale * denominators[i] * w_row[i];
         }
-        for (int64_t i = count; i < blocks * block_size; ++i) m_all[i] = v_all[i] = 0.0f;
-        encode_blocks(m, first_block, blocks, block_size, numel, m_all, &m_work);
-        encode_blocks(v, first_block, blocks, block_size, numel, v_all, &v_work);
+        encode_states(m, v, &w, first_block, blocks, block_size, numel, count, m_all, v_all);
     }
-    free(buffers);
-    free(ints);
-    free(searches);
+    close_workspace(&w);
     return 0;
 }
