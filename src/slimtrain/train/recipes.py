@@ -19,10 +19,9 @@ METHODS = ("adamw", "ddp", "lowrank-ddp", "diloco", "lordo")
 # LoRDO keyword arguments a recipe's lordo_options may set (the others come from the recipe/run)
 LORDO_OPTIONS = ("mu", "clip", "outer_lr", "outer_momentum", "full_rank_scale", "error_feedback",
                  "moments_on_refresh", "svd", "projection", "block_size", "anchor")
-# slimtrain.AdamW keyword arguments a recipe's adamw_options may set (beta1 and state_rounding
-# are fields of their own)
-ADAMW_OPTIONS = ("state_maps", "block_size", "quantile", "min_quantized_numel", "beta1_policy",
-                 "beta1_reference_bits")
+# slimtrain.AdamW keyword arguments a recipe's adamw_options may set (beta1 is a field of its own)
+ADAMW_OPTIONS = ("state_rounding", "state_maps", "block_size", "quantile", "min_quantized_numel",
+                 "beta1_policy", "beta1_reference_bits")
 DATA_PARALLEL = ("ddp", "lowrank-ddp")  # gradients averaged every step by DistributedDataParallel
 
 
@@ -33,8 +32,7 @@ class Recipe:
     weight_format: storage of the nn.Linear weights (embeddings, the output head, norms and biases
     stay float32); None keeps float32. granularity / group_size: scales of that format.
     weight_update: "master", "naive" or "eco" for low-precision weights; rounding: "nearest" or
-    "stochastic" when they are re-quantized. state_bits: bits of Adam's (m, v); state_rounding:
-    how (m, v) are rounded when encoded below 16 bits.
+    "stochastic" when they are re-quantized. state_bits: bits of Adam's (m, v).
     method: "adamw" (slimtrain's AdamW; one worker or many without communication), "ddp"
     (AdamW under DistributedDataParallel), "lowrank-ddp" (GaLore-style low-rank Adam under DDP,
     projection refreshed every ``refresh_every`` steps), "diloco" or "lordo" (rounds every
@@ -57,7 +55,6 @@ class Recipe:
     weight_update: str = "master"
     rounding: str = "nearest"
     state_bits: tuple[int, int] = (32, 32)
-    state_rounding: tuple[str, str] = ("nearest", "stochastic")
     method: str = "adamw"
     rank: int = 16
     sync_every: int = 16
@@ -80,8 +77,8 @@ class Recipe:
 
     def optimizer_options(self) -> dict[str, Any]:
         """Keyword arguments of :class:`slimtrain.AdamW` that this recipe sets."""
-        return dict(state_bits=self.state_bits, state_rounding=self.state_rounding,
-                    weight_update=self.weight_update, rounding=self.rounding, **dict(self.adamw_options))
+        return dict(state_bits=self.state_bits, weight_update=self.weight_update, rounding=self.rounding,
+                    **dict(self.adamw_options))
 
     def make_optimizer(self, model_or_params: nn.Module | Any, *, lr: float,
                        betas: tuple[float, float] = (0.9, 0.999), weight_decay: float = 0.0,

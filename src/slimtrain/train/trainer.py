@@ -59,9 +59,8 @@ class TrainConfig:
     ``clip``: maximum global gradient norm (0 = no clipping). ``sync_every``, ``low_rank``,
     ``omega``: override the recipe's (rounds, rank of low-rank moments, LoRDO's ω);
     ``lordo_options``: further :class:`slimtrain.LoRDO` keyword arguments for LoRDO recipes.
-    ``optim_options``: for AdamW recipes, "beta1", "state_rounding" or a further
-    :class:`slimtrain.AdamW` keyword argument (ADAMW_OPTIONS); pairs such as state_maps may be
-    given as "m,v" strings.
+    ``optim_options``: for AdamW recipes, "beta1" or a further :class:`slimtrain.AdamW` keyword
+    argument (ADAMW_OPTIONS); pairs (state_maps, state_rounding) may be given as "m,v" strings.
     ``dist_timeout``: seconds a collective may wait for the other ranks before the run fails."""
 
     recipe: str = DEFAULT_RECIPE
@@ -133,15 +132,15 @@ def _adamw_overrides(recipe: Recipe, options: dict[str, Any]) -> dict[str, Any]:
     """Recipe fields that ``options`` (TrainConfig.optim_options) set on the AdamW ``recipe``."""
     if recipe.method not in ("adamw", "ddp"):
         raise ValueError(f"optim options apply to AdamW recipes, not to {recipe.name!r}")
-    accepted = ("beta1", "state_rounding", *ADAMW_OPTIONS)
+    accepted = ("beta1", *ADAMW_OPTIONS)
     unknown = sorted(set(options) - set(accepted))
     if unknown:
         raise ValueError(f"unknown optim option(s) {', '.join(unknown)}; accepted: {', '.join(accepted)}")
     pairs = ("state_maps", "state_rounding")
     values = {key: tuple(value.split(",") if isinstance(value, str) else value) if key in pairs else value
               for key, value in options.items()}
-    own_fields = {key: values.pop(key) for key in ("beta1", "state_rounding") if key in values}
-    return dict(own_fields, adamw_options=tuple({**dict(recipe.adamw_options), **values}.items()))
+    beta1 = {"beta1": values.pop("beta1")} if "beta1" in values else {}
+    return dict(beta1, adamw_options=tuple({**dict(recipe.adamw_options), **values}.items()))
 
 
 def run_recipe(config: TrainConfig) -> Recipe:
