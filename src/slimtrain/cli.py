@@ -22,12 +22,13 @@ from slimtrain.train.compare import DEFAULT_COMPARE_RECIPES, compare
 from slimtrain.train.models import GPT_SIZES
 from slimtrain.train.plan import ARCHITECTURES, formula_check, plan_table, recipes_table
 from slimtrain.train.recipes import RECIPES
-from slimtrain.train.trainer import TrainConfig, format_summary, resume, train
+from slimtrain.train.trainer import DEVICES, RESUMABLE_CHANGES, TrainConfig, format_summary, resume, train
 
 # command-line option -> TrainConfig field, for options that configure a run
 RUN_OPTIONS = ("recipe", "model", "data", "tokenizer", "steps", "batch_size", "seq_len", "lr", "warmup",
                "weight_decay", "clip", "eval_every", "eval_batches", "checkpoint_every", "seed", "compile",
-               "sync_every", "low_rank", "omega", "lordo_options", "optim_options", "dist_timeout")
+               "sync_every", "low_rank", "omega", "lordo_options", "optim_options", "dist_timeout",
+               "device")
 
 
 def _number(kind: type, low: float, inclusive: bool = True) -> Any:
@@ -105,6 +106,8 @@ def _add_run_options(parser: argparse.ArgumentParser, recipe: bool = True) -> No
                              "beta1_policy=fixed, quantile=0.05")
     parser.add_argument("--dist-timeout", type=_number(float, 0, False),
                         help=f"seconds to wait for other ranks before failing ({defaults.dist_timeout:g})")
+    parser.add_argument("--device", choices=list(DEVICES),
+                        help=f"train on cpu or cuda (GPU LOCAL_RANK under torchrun) ({defaults.device})")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -152,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only", nargs="+", metavar="TEXT",
                    help="configurations whose name contains TEXT (the fused baseline always runs)")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="where the parameters and states live (default cpu)")
     return parser
 
 
@@ -171,11 +176,13 @@ def _train(args: argparse.Namespace) -> int:
     overrides = _run_overrides(args)
     progress = not args.quiet
     if args.resume:
-        unknown = set(overrides) - {"steps", "compile", "eval_every", "checkpoint_every", "dist_timeout"}
+        unknown = set(overrides) - set(RESUMABLE_CHANGES)
         if unknown:
-            raise ValueError(f"--resume continues a run with its own settings; only --steps, --eval-every, "
-                             f"--checkpoint-every and --no-compile may be given (got "
-                             f"{', '.join('--' + n.replace('_', '-') for n in sorted(unknown))})")
+            def flags(names: Any) -> str:
+                return ", ".join("--no-compile" if n == "compile" else "--" + n.replace("_", "-")
+                                 for n in sorted(names))
+            raise ValueError(f"--resume continues a run with its own settings; only "
+                             f"{flags(set(RESUMABLE_CHANGES) - {'out'})} may be given (got {flags(unknown)})")
         if args.out or args.force:
             raise ValueError("--resume writes into RUN_DIR itself; drop --out/--force")
         result = resume(Path(args.resume), overrides, progress=progress, stop_after=args.stop_after)
@@ -208,13 +215,18 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: this torch build sees no CUDA device; accepted here: cpu")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}")
     print(BENCH_HEADER)
     report = run_bench(args.sizes, args.steps, args.warmup, args.only,
-                       progress=lambda row: print(format_row(row), flush=True))
+                       progress=lambda row: print(format_row(row), flush=True), device=args.device)
     compiled = report["kernel_compile_seconds"]
-    print(f"copy bandwidth {report['copy_bandwidth_gbs']:.1f} GB/s; C kernels "
-          + (f"compiled in {compiled:.1f} s (once per machine)" if compiled else "loaded from the cache"))
+    kernel_note = "" if args.device != "cpu" else "; C kernels " + (
+        f"compiled in {compiled:.1f} s (once per machine)" if compiled else "loaded from the cache")
+    for name, reason in report["failed_peers"].items():
+        print(f"{name}: failed on this machine, left out ({reason})")
+    print(f"device {report['device']}; copy bandwidth {report['copy_bandwidth_gbs']:.1f} GB/s{kernel_note}")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))
     return 0

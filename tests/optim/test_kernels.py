@@ -12,13 +12,14 @@ import slimtrain as st
 from slimtrain.optim import kernels
 
 
-def run(fused: bool, shape, steps: int = 4, **options):
+def run(fused: bool, shape, steps: int = 4, device: str = "cpu", **options):
+    """``steps`` steps of st.AdamW on one parameter; the same data on every device."""
     torch.manual_seed(0)
-    param = torch.nn.Parameter(torch.randn(shape))
+    param = torch.nn.Parameter(torch.randn(shape).to(device))
     generator = torch.Generator().manual_seed(3)
     opt = st.AdamW([param], lr=1e-2, seed=1, compile=fused, min_quantized_numel=0, **options)
     for _ in range(steps):
-        param.grad = torch.randn(shape, generator=generator)
+        param.grad = torch.randn(shape, generator=generator).to(device)
         opt.step()
     return param.detach(), opt.state[param]
 
@@ -67,14 +68,16 @@ def test_threads_split_blocks_without_changing_results():
     assert torch.equal(single, several)
 
 
-def run_float8(fused: bool, shape, fmt: str = "fp8_e4m3", steps: int = 4, **options):
+def run_float8(fused: bool, shape, fmt: str = "fp8_e4m3", steps: int = 4, device: str = "cpu", **options):
+    """As :func:`run` for a float8 weight with row scales."""
     torch.manual_seed(0)
-    weight = st.QuantizedWeight.from_float(torch.randn(shape) * 0.05, st.WeightFormat(fmt, "row"))
+    start = (torch.randn(shape) * 0.05).to(device)
+    weight = st.QuantizedWeight.from_float(start, st.WeightFormat(fmt, "row"))
     param = torch.nn.Parameter(weight)
     generator = torch.Generator().manual_seed(3)
     opt = st.AdamW([param], lr=1e-2, seed=1, compile=fused, min_quantized_numel=0, **options)
     for _ in range(steps):
-        param.grad = torch.randn(shape, generator=generator) * 0.1
+        param.grad = (torch.randn(shape, generator=generator) * 0.1).to(device)
         opt.step()
     return param, opt.state[param]
 

@@ -24,6 +24,8 @@ class Collectives:
         self.active = dist.is_available() and dist.is_initialized()
         self.world_size = dist.get_world_size(group) if self.active else 1
         self.rank = dist.get_rank(group) if self.active else 0
+        nccl = self.active and dist.get_backend(group) == "nccl"  # NCCL reduces CUDA tensors only
+        self.device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
         self.sent: Counter[str] = Counter()
 
     @property
@@ -44,7 +46,7 @@ class Collectives:
 
     def any_(self, flag: bool, purpose: str = "control") -> bool:
         """Whether ``flag`` is true on any rank (a 4-byte all-reduce)."""
-        value = torch.tensor([1 if flag else 0], dtype=torch.int32)
+        value = torch.tensor([1 if flag else 0], dtype=torch.int32, device=self.device)
         self.count(value, purpose)
         if self.world_size > 1:
             dist.all_reduce(value, op=dist.ReduceOp.MAX, group=self.group)

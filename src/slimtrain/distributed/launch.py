@@ -1,9 +1,9 @@
 """Process groups for training: torchrun's environment, or a single local worker.
 
 ``torchrun --nproc-per-node N -m slimtrain train ...`` sets RANK, WORLD_SIZE, MASTER_ADDR, ...;
-:func:`start` joins that group (gloo on CPU, NCCL when CUDA is available). Without torchrun, a
-recipe that communicates runs as a group of one (gloo on a local file store), so that the same
-code path and traffic accounting serve one worker and many.
+:func:`start` joins that group (gloo for training on CPU, NCCL on CUDA). Without torchrun, a
+recipe that communicates runs as a group of one (on a local file store), so that the same code
+path and traffic accounting serve one worker and many.
 """
 
 from __future__ import annotations
@@ -22,25 +22,34 @@ def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def start(timeout_seconds: float) -> tuple[int, int]:
+def local_device(device: str) -> torch.device:
+    """The torch.device of this worker for a run on ``device`` ("cpu" or "cuda"): under torchrun,
+    CUDA rank r of a machine uses GPU LOCAL_RANK."""
+    if device == "cuda":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def start(timeout_seconds: float, device: str = "cpu") -> tuple[int, int]:
     """Join torchrun's process group, or create a group of one. Returns (rank, world size).
 
-    Collectives that wait longer than ``timeout_seconds`` (a rank that died or hangs) raise
-    instead of blocking forever.
+    Training on ``device`` "cuda" communicates through NCCL, on "cpu" through gloo. Collectives
+    that wait longer than ``timeout_seconds`` (a rank that died or hangs) raise instead of
+    blocking forever.
     """
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     timeout = datetime.timedelta(seconds=timeout_seconds)
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    backend = "nccl" if device == "cuda" else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(local_device(device))
     if launched_by_torchrun():
-        if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         dist.init_process_group(backend, timeout=timeout)
     else:
         handle, store = tempfile.mkstemp(prefix="slimtrain-store-")
         os.close(handle)
         os.unlink(store)  # the file store creates it
-        dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1, timeout=timeout)
+        dist.init_process_group(backend, init_method=f"file://{store}", rank=0, world_size=1, timeout=timeout)
     if backend == "gloo":  # ranks on one machine share its cores
         local = int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size()))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))

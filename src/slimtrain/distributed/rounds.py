@@ -352,12 +352,12 @@ class LoRDO(RoundsOptimizer):
         shape = torch.Size((group["rank"], oriented(param).shape[1]))
         if "basis" not in state:
             for name, fmt in self.moment_formats.items():
-                init_state(state, name, fmt, torch.empty(shape))
+                init_state(state, name, fmt, torch.empty(shape, device=param.device))
             if self.options["error_feedback"]:
-                state["error"] = torch.zeros(oriented(param).shape)
+                state["error"] = torch.zeros(oriented(param).shape, device=param.device)
         elif self.options["moments_on_refresh"] != "keep":
             moments = {
-                name: read_state(state, name, fmt, torch.empty(shape))
+                name: read_state(state, name, fmt, torch.empty(shape, device=param.device))
                 for name, fmt in self.moment_formats.items()
             }
             refresh_moments_(
@@ -380,7 +380,7 @@ class LoRDO(RoundsOptimizer):
         state["step"] = state.get("step", 0) + 1
         shape = torch.Size((group["rank"], oriented(weight).shape[1]))
         moments = {
-            name: read_state(state, name, fmt, torch.empty(shape))
+            name: read_state(state, name, fmt, torch.empty(shape, device=weight.device))
             for name, fmt in self.moment_formats.items()
         }
         beta1, beta2 = group["betas"]

@@ -90,33 +90,38 @@ def configurations() -> dict[str, Callable]:
 FLOAT8_PREFIX = "st.AdamW FP8 + ECO (SR) "  # configurations whose parameter is an FP8 QuantizedWeight
 
 
-def copy_bandwidth(repeats: int = 10) -> float:
+def copy_bandwidth(device: torch.device, repeats: int = 10) -> float:
     """GB/s of ``dst.copy_(src)`` on float32 tensors of COPY_NUMEL (bytes read plus written)."""
-    src, dst = torch.rand(COPY_NUMEL), torch.empty(COPY_NUMEL)
+    src, dst = torch.rand(COPY_NUMEL, device=device), torch.empty(COPY_NUMEL, device=device)
     dst.copy_(src)
-    best = min(_seconds(lambda: dst.copy_(src)) for _ in range(repeats))
+    best = min(_seconds(lambda: dst.copy_(src), device) for _ in range(repeats))
     return 2 * 4 * COPY_NUMEL / best / 1e9
 
 
-def _seconds(action: Callable[[], object]) -> float:
+def _seconds(action: Callable[[], object], device: torch.device) -> float:
+    """Wall-clock seconds of ``action``, including the device work it queued."""
+    synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    synchronize()
     start = time.perf_counter()
     action()
+    synchronize()
     return time.perf_counter() - start
 
 
-def measure(name: str, make: Callable, numel: int, warmup: int, steps: int) -> dict:
+def measure(name: str, make: Callable, numel: int, warmup: int, steps: int,
+            device: torch.device) -> dict:
     """Step time, first-step time and traffic of one configuration (see the module docstring)."""
     torch.manual_seed(0)
-    weight = torch.randn(numel // 1024, 1024)
+    weight = torch.randn(numel // 1024, 1024, device=device)
     if name.startswith(FLOAT8_PREFIX):
         weight = st.QuantizedWeight.from_float(weight, st.WeightFormat("fp8_e4m3", "row"))
     param = torch.nn.Parameter(weight)
-    param.grad = torch.randn(param.shape) * 1e-2
+    param.grad = torch.randn(param.shape, device=device) * 1e-2
     optimizer = make([param])
-    first = _seconds(optimizer.step)
+    first = _seconds(optimizer.step, device)
     for _ in range(warmup - 1):
         optimizer.step()
-    step = statistics.median(_seconds(optimizer.step) for _ in range(steps))
+    step = statistics.median(_seconds(optimizer.step, device) for _ in range(steps))
     report = st.memory_report([param], optimizer)
     state = report.per_parameter("optimizer_state")
     stored = report.per_parameter("parameters")
@@ -127,28 +132,44 @@ def measure(name: str, make: Callable, numel: int, warmup: int, steps: int) -> d
 
 
 def run_bench(sizes: list[int], steps: int = 5, warmup: int = 3, only: list[str] | None = None,
-              progress: Callable[[BenchResult], None] | None = None) -> dict:
+              progress: Callable[[BenchResult], None] | None = None, device: str = "cpu") -> dict:
     """Measure every configuration (those whose name contains one of ``only``, plus the fused
-    baseline) at each size in ``sizes`` (elements, rounded down to a multiple of 1024)."""
+    baseline) at each size in ``sizes`` (elements, rounded down to a multiple of 1024) on
+    ``device`` ("cpu" or "cuda")."""
+    target = torch.device(device)
     configs = configurations()
     if only:
         configs = {k: v for k, v in configs.items()
                    if k == "torch AdamW fused" or any(s in k for s in only)}
-    kernels.cpu_kernels()  # build (or load) the kernels before timing: reported as compile cost
-    copy = copy_bandwidth()
+    if target.type == "cpu":
+        kernels.cpu_kernels()  # build (or load) the kernels before timing: reported as compile cost
+    copy = copy_bandwidth(target)
+    peer_names, failed = set(peers()), {}
     results = []
     for size in sizes:
         baseline = None
         for name, make in configs.items():
-            row = measure(name, make, max(1024, size // 1024 * 1024), warmup, steps)
+            try:
+                row = measure(name, make, max(1024, size // 1024 * 1024), warmup, steps, target)
+            except Exception as error:  # a peer that cannot run here must not end the benchmark
+                if name not in peer_names:
+                    raise
+                failed[name] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
+                continue
             baseline = baseline or row["step_ms"]
             result = BenchResult(**row, ratio_to_fused=row["step_ms"] / baseline,
                                  fraction_of_copy=row["bandwidth_gbs"] / copy)
             results.append(result)
             if progress:
                 progress(result)
-    return dict(torch=torch.__version__, threads=torch.get_num_threads(), copy_bandwidth_gbs=copy,
+    return dict(torch=torch.__version__, device=device_name(target), threads=torch.get_num_threads(),
+                copy_bandwidth_gbs=copy, failed_peers=failed,
                 kernel_compile_seconds=kernels.compile_seconds, results=[asdict(r) for r in results])
+
+
+def device_name(device: torch.device) -> str:
+    """What ``device`` is, in words: the GPU's name, or "cpu"."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
 BENCH_HEADER = (f"{'configuration':<34}{'params':>11}{'step ms':>10}{'x fused':>9}{'first ms':>10}"

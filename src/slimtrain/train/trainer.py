@@ -45,7 +45,8 @@ from slimtrain.train.recipes import (
 CHECKPOINT = "checkpoint.pt"
 CUSTOM_MODEL = "custom"
 # settings that may differ when resuming (they do not change the trajectory before the checkpoint)
-RESUMABLE_CHANGES = ("steps", "out", "eval_every", "checkpoint_every", "compile", "dist_timeout")
+RESUMABLE_CHANGES = ("steps", "out", "eval_every", "checkpoint_every", "compile", "dist_timeout", "device")
+DEVICES = ("cpu", "cuda")
 
 
 class CheckpointError(ValueError):
@@ -61,7 +62,9 @@ class TrainConfig:
     ``lordo_options``: further :class:`slimtrain.LoRDO` keyword arguments for LoRDO recipes.
     ``optim_options``: for AdamW recipes, "beta1" or a further :class:`slimtrain.AdamW` keyword
     argument (ADAMW_OPTIONS); pairs (state_maps, state_rounding) may be given as "m,v" strings.
-    ``dist_timeout``: seconds a collective may wait for the other ranks before the run fails."""
+    ``dist_timeout``: seconds a collective may wait for the other ranks before the run fails.
+    ``device``: "cpu" or "cuda" (rank r of a torchrun job on a machine uses GPU LOCAL_RANK, and the
+    ranks communicate through NCCL; on "cpu" through gloo)."""
 
     recipe: str = DEFAULT_RECIPE
     model: str = "small"
@@ -88,6 +91,7 @@ class TrainConfig:
     lordo_options: dict[str, Any] = dataclasses.field(default_factory=dict)
     optim_options: dict[str, Any] = dataclasses.field(default_factory=dict)
     dist_timeout: float = 120.0
+    device: str = "cpu"
 
     def validate(self) -> None:
         """Raise ValueError naming the first invalid setting and what it accepts."""
@@ -103,6 +107,10 @@ class TrainConfig:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if self.omega is not None and not 0 <= self.omega <= 1:
             raise ValueError(f"omega must be in [0, 1], got {self.omega!r}")
+        if self.device not in DEVICES:
+            raise ValueError(f"unknown device {self.device!r}; accepted: {', '.join(DEVICES)}")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device 'cuda': this torch build sees no CUDA device; accepted here: cpu")
         if not self.dist_timeout > 0:
             raise ValueError(f"dist_timeout must be > 0 seconds, got {self.dist_timeout!r}")
         if self.seq_len is not None and (not isinstance(self.seq_len, int) or self.seq_len < 1):
@@ -167,7 +175,7 @@ def start_workers(config: TrainConfig) -> tuple[int, int]:
     recipe = run_recipe(config)
     if not (recipe.distributed or launch.launched_by_torchrun()):
         return 0, 1
-    rank, world = launch.start(config.dist_timeout)
+    rank, world = launch.start(config.dist_timeout, config.device)
     if world > 1 and not recipe.distributed:
         launch.stop()
         raise ValueError(f"recipe {recipe.name!r} trains a single worker; under torchrun use one of "
@@ -215,7 +223,7 @@ def load_checkpoint(run_dir: Path) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"--resume {run_dir}: no {CHECKPOINT} in it")
     try:
-        checkpoint = torch.load(path, weights_only=True)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several types for truncated or foreign files
         raise CheckpointError(f"--resume {run_dir}: {CHECKPOINT} is corrupt or unreadable "
                               f"({type(error).__name__}: {str(error).splitlines()[0][:120]})") from None
@@ -269,8 +277,9 @@ class Trainer:
         if self.seq_len + 2 > shortest:
             raise ValueError(f"seq_len {self.seq_len} is too long for the corpus {self.corpus.name!r}: "
                              f"its validation split has {self.val_tokens.numel()} tokens")
+        self.device = launch.local_device(config.device)
         self.float_specs = model_tensor_specs(model)
-        self.model = self.forward_model = model
+        self.model = self.forward_model = model.to(self.device)
         self.recipe.prepare_model(model)
         self.optimizer = self.recipe.make_optimizer(
             model, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay,
@@ -282,7 +291,8 @@ class Trainer:
             self.control = Collectives()
             if self.recipe.method in DATA_PARALLEL:
                 self.collectives = Collectives()
-                self.forward_model = nn.parallel.DistributedDataParallel(model)
+                self.forward_model = nn.parallel.DistributedDataParallel(
+                    model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
                 self.forward_model.register_comm_hook(None, self.collectives.ddp_comm_hook)
             else:
                 self.collectives = self.optimizer.collectives
@@ -290,8 +300,7 @@ class Trainer:
         self.step = 0
         self.train_seconds = 0.0
         val_rng = torch.Generator().manual_seed(config.seed + 1)
-        self.val_batches = [random_windows(self.val_tokens, config.batch_size, self.seq_len, val_rng)
-                            for _ in range(config.eval_batches)]
+        self.val_batches = [self.batch(self.val_tokens, val_rng) for _ in range(config.eval_batches)]
 
     # ------------------------------------------------------------------------ checkpoints
     def state(self) -> dict[str, Any]:
@@ -332,7 +341,7 @@ class Trainer:
         if not self.is_main:
             path = rank_checkpoint(self.run_dir, self.rank, int(checkpoint["step"]))
             try:
-                checkpoint = torch.load(path, weights_only=True)
+                checkpoint = torch.load(path, map_location="cpu", weights_only=True)
             except Exception as error:  # missing or truncated file
                 raise CheckpointError(f"rank {self.rank}: cannot read {path.name} "
                                       f"({type(error).__name__})") from None
@@ -351,6 +360,12 @@ class Trainer:
         self.train_seconds = float(checkpoint.get("train_seconds", 0.0))
 
     # ------------------------------------------------------------------------ training
+    def batch(self, tokens: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Random windows of ``tokens`` (drawn on the CPU, so that a seed gives the same data on
+        every device) as (batch, seq_len) int64 inputs and targets on the training device."""
+        inputs, targets = random_windows(tokens, self.config.batch_size, self.seq_len, generator)
+        return inputs.to(self.device), targets.to(self.device)
+
     def loss(self, inputs: torch.Tensor, targets: torch.Tensor,
              model: nn.Module | None = None) -> torch.Tensor:
         """Mean cross-entropy of ``model`` (default: the training model, DDP-wrapped if any)."""
@@ -369,8 +384,7 @@ class Trainer:
         """One optimizer step; returns the training loss. A non-finite loss or gradient raises
         FloatingPointError before the optimizer (or the data order) is touched."""
         rng_state = self.data_rng.get_state()
-        inputs, targets = random_windows(self.train_tokens, self.config.batch_size, self.seq_len,
-                                         self.data_rng)
+        inputs, targets = self.batch(self.train_tokens, self.data_rng)
         self.optimizer.zero_grad(set_to_none=True)
         loss = self.loss(inputs, targets)
         loss.backward()
@@ -485,7 +499,10 @@ class Trainer:
                 r["seconds"] for r in records[len(records) // 10:]) if records else None,
             static_memory=dict(report.categories), static_bytes=report.total,
             static_bytes_per_param=report.total / parameters,
-            same_model_static_bytes=same_model, peak_process_memory=peak_process_memory(), **traffic,
+            same_model_static_bytes=same_model, peak_process_memory=peak_process_memory(),
+            device=str(self.device), peak_device_memory=(torch.cuda.max_memory_allocated(self.device)
+                                                         if self.device.type == "cuda" else None),
+            **traffic,
         )
 
 
@@ -624,8 +641,10 @@ def format_summary(summary: dict[str, Any], run_dir: Path) -> str:
         lines.append(f"traffic          {summary['world_size']} ranks; each sent {parts} "
                      f"= {summary['sent_bytes_per_step'] / 1024:,.1f} KiB per step "
                      f"(+ {summary['control_bytes']:,} B of stop flags)")
+    device_peak = summary.get("peak_device_memory")
     lines += [
-        f"peak process memory {_mib(summary['peak_process_memory'])}",
+        f"peak process memory {_mib(summary['peak_process_memory'])}"
+        + (f"; peak {summary['device']} memory {_mib(device_peak)} (allocated)" if device_peak else ""),
         f"files            {run_dir}/{{config.json, metrics.jsonl, loss.png, {CHECKPOINT}, summary.json}}",
     ]
     return "\n".join(lines)

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# The GPU checks of one session on a CUDA machine, in the order they matter, each with its own
+# time limit so that one slow or failing part leaves the others' results:
+#   1. `slimtrain bench --device cuda` (issue 6's ratios against torch's fused AdamW on CUDA),
+#   2. the tests that need CUDA (tests/optim/test_cuda.py: Triton step == eager CUDA step, CUDA ~ CPU),
+#   3. `slimtrain train --device cuda` tokens/s of adamw and slim on the medium GPT,
+#   4. LoRDO and DDP runs under torchrun on NCCL (one rank: one GPU).
+# Usage: bash benchmarks/gpu_checks.sh OUT_DIR   (uses the python3 that holds a CUDA torch;
+# peers installed from ./.whl when that folder holds wheels; corpus from $SLIMTRAIN_CACHE).
+set -u
+out=${1:?usage: gpu_checks.sh OUT_DIR}
+mkdir -p "$out"
+root=$(cd "$(dirname "$0")/.." && pwd)
+if compgen -G "$root/.whl/*.whl" > /dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/peers "$root"/.whl/*.whl && export PYTHONPATH=/tmp/peers
+fi
+export PYTHONPATH="$root/src:$root${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+cd "$root"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+
+echo "== 1. bench"
+timeout 210 python3 -m slimtrain bench --device cuda --sizes 16M 64M --steps 20 --warmup 3 \
+    --json "$out/bench_cuda.json" 2>&1 | grep -v Warning | tee "$out/bench_cuda.txt"
+echo "== 2. tests"
+timeout 100 python3 -m pytest -q -p no:cacheprovider tests/optim/test_cuda.py 2>&1 | tail -30 \
+    | tee "$out/test_cuda.txt"
+echo "== 3. train"
+for recipe in adamw slim; do
+    timeout 60 python3 -m slimtrain train --device cuda --recipe "$recipe" --model medium --steps 200 \
+        --eval-every 200 --quiet --force --out "$out/train-$recipe" 2>&1 | tail -12
+done
+echo "== 4. lordo and ddp on NCCL"
+for recipe in lordo ddp; do
+    timeout 50 torchrun --nproc-per-node 1 -m slimtrain train --device cuda --recipe "$recipe" \
+        --model small --steps 40 --eval-every 40 --quiet --force --out "$out/train-$recipe" 2>&1 | tail -12
+done
+for run in "$out"/train-*; do cp "$run/summary.json" "$out/summary-$(basename "$run").json" 2>/dev/null; done
+rm -rf "$out"/train-*
