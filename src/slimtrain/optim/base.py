@@ -214,7 +214,7 @@ class LowBitOptimizer(torch.optim.Optimizer):
             chunks, target = [(param, 0, param.numel())], param
         else:
             target = param if param.is_contiguous() else param.contiguous()
-            flat, size = target.view(-1), chunk_numel(group["block_size"])
+            flat, size = target.view(-1), chunk_numel(group["block_size"], param.device)
             chunks = [(flat[i:i + size], i, min(i + size, flat.numel()))
                       for i in range(0, flat.numel(), size)]
         for index, (part, start, stop) in enumerate(chunks):
@@ -370,8 +370,10 @@ def compiled_step_chunk(*args: Any) -> None:
     if _compiled_step_chunk is step_chunk_:
         return step_chunk_(*args)
     try:
-        # one compiled graph per state format and shape family: allow more than dynamo's default
-        with torch._dynamo.config.patch(recompile_limit=COMPILE_LIMIT):
+        # one compiled graph per state format and shape family: allow more than dynamo's default;
+        # numbers (bits, block sizes, quantiles) stay constants, so each format compiles its own kernels
+        with torch._dynamo.config.patch(recompile_limit=COMPILE_LIMIT, specialize_int=True,
+                                         specialize_float=True):
             return _compiled_step_chunk(*args)
     except Exception as error:  # no C++ compiler, unsupported device, ...
         warnings.warn(f"torch.compile failed ({type(error).__name__}: {error}); slimtrain steps "

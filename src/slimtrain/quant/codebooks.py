@@ -66,8 +66,13 @@ def codebook(
     if kind not in CODEBOOK_KINDS:
         raise ValueError(f"codebook kind must be one of {CODEBOOK_KINDS}, got {kind!r}")
     check_bits(bits)
-    table = _codebook_cpu(kind, bits, signed)
-    return table if device is None else table.to(device)
+    return _codebook_on(kind, bits, signed, torch.device(device or "cpu"))
+
+
+@functools.cache
+def _codebook_on(kind: str, bits: int, signed: bool, device: torch.device) -> torch.Tensor:
+    """The table on ``device``, copied there once (not at every step)."""
+    return _codebook_cpu(kind, bits, signed).to(device)
 
 
 def median_spacing_radius(levels: torch.Tensor) -> float:
