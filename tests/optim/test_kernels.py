@@ -68,11 +68,12 @@ def test_threads_split_blocks_without_changing_results():
     assert torch.equal(single, several)
 
 
-def run_float8(fused: bool, shape, fmt: str = "fp8_e4m3", steps: int = 4, device: str = "cpu", **options):
-    """As :func:`run` for a float8 weight with row scales."""
+def run_weight(fused: bool, shape, fmt: str = "fp8_e4m3", steps: int = 4, device: str = "cpu",
+               granularity: str = "row", group_size: int = 32, **options):
+    """As :func:`run` for a quantized weight (float8 with row scales by default)."""
     torch.manual_seed(0)
     start = (torch.randn(shape) * 0.05).to(device)
-    weight = st.QuantizedWeight.from_float(start, st.WeightFormat(fmt, "row"))
+    weight = st.QuantizedWeight.from_float(start, st.WeightFormat(fmt, granularity, group_size))
     param = torch.nn.Parameter(weight)
     generator = torch.Generator().manual_seed(3)
     opt = st.AdamW([param], lr=1e-2, seed=1, compile=fused, min_quantized_numel=0, **options)
@@ -100,25 +101,47 @@ def test_float8_weight_kernel_and_eager_agree_bit_for_bit(options, shape):
     blocks), and rows of 61 end inside an 8-lane vector."""
     options = dict(options)
     fmt = options.pop("fmt", "fp8_e4m3")
-    fused, fused_state = run_float8(True, shape, fmt, **options)
-    eager, eager_state = run_float8(False, shape, fmt, **options)
+    fused, fused_state = run_weight(True, shape, fmt, **options)
+    eager, eager_state = run_weight(False, shape, fmt, **options)
     assert torch.equal(fused.codes.view(torch.uint8), eager.codes.view(torch.uint8))
     assert torch.equal(fused.scales, eager.scales)
     for key in fused_state:
         assert torch.equal(fused_state[key], eager_state[key]), key
 
 
-def test_float8_kernel_is_the_path_taken(monkeypatch):
-    """The fused step must not fall back to eager code for the slim recipe's weights."""
-    calls, original = [], kernels.float8_args
-    monkeypatch.setattr(kernels, "float8_args", lambda *a: calls.append(a) or original(*a))
-    run_float8(True, (77, 192), steps=2, state_bits=(4, 2), rounding="stochastic")
+INTEGER_CONFIGURATIONS = [
+    dict(fmt="int4", granularity="group", state_bits=(4, 2), rounding="stochastic"),  # int4-eco
+    dict(fmt="int4", granularity="group", group_size=64, state_bits=(4, 2), rounding="nearest"),
+    dict(fmt="int4", state_bits=(2, 2), weight_update="naive", rounding="stochastic"),
+    dict(fmt="int8", state_bits=(4, 2), rounding="stochastic", weight_decay=0.5),
+    dict(fmt="int8", granularity="group", group_size=32, state_bits=(32, 32), rounding="nearest"),
+]
+
+
+@pytest.mark.parametrize("options", INTEGER_CONFIGURATIONS, ids=str)
+@pytest.mark.parametrize("shape", [(64, 256), (77, 192), (9, 64)])
+def test_integer_weight_kernel_and_eager_agree_bit_for_bit(options, shape):
+    """INT8 / INT4 codes with row or group scales (rows of 64: two rows per state block)."""
+    fused, fused_state = run_weight(True, shape, **options)
+    eager, eager_state = run_weight(False, shape, **options)
+    assert torch.equal(fused.codes.view(torch.uint8), eager.codes.view(torch.uint8))
+    assert torch.equal(fused.scales, eager.scales)
+    for key in fused_state:
+        assert torch.equal(fused_state[key], eager_state[key]), key
+
+
+@pytest.mark.parametrize("options", [dict(), dict(fmt="int4", granularity="group")], ids=str)
+def test_weight_kernel_is_the_path_taken(monkeypatch, options):
+    """The fused step must not fall back to eager code for the slim and int4-eco recipes' weights."""
+    calls, original = [], kernels.weight_args
+    monkeypatch.setattr(kernels, "weight_args", lambda *a: calls.append(a) or original(*a))
+    run_weight(True, (77, 192), steps=2, state_bits=(4, 2), rounding="stochastic", **options)
     assert len(calls) == 2
 
 
 DIGEST_SCRIPT = """
 import hashlib, sys, torch
-from tests.optim.test_kernels import run, run_float8
+from tests.optim.test_kernels import run, run_weight
 from slimtrain.optim import kernels
 fused = sys.argv[1] == "fused"
 assert not fused or kernels.cpu_kernels() is not None
@@ -129,9 +152,11 @@ for options in ({"state_bits": (4, 2)}, {"state_bits": (3, 8), "state_rounding":
     param, state = run(fused, (37, 129), **options)
     for tensor in (param, *state.values()):
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-weight, state = run_float8(fused, (40, 61), state_bits=(2, 2), rounding="stochastic")
-for tensor in (weight.codes.view(torch.uint8), weight.scales, *state.values()):
-    digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+for fmt, granularity, shape in (("fp8_e4m3", "row", (40, 61)), ("int4", "group", (40, 64))):
+    weight, state = run_weight(fused, shape, fmt, granularity=granularity, state_bits=(2, 2),
+                               rounding="stochastic")
+    for tensor in (weight.codes.view(torch.uint8), weight.scales, *state.values()):
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
 print(digest.hexdigest())
 """
 

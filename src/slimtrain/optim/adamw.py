@@ -127,7 +127,8 @@ class AdamW(LowBitOptimizer):
         weight_seed: int | None,
     ) -> bool:
         """The step of a CPU parameter in the C kernel (same bits as the eager step): a float32
-        tensor, or a float8 QuantizedWeight with row scales updated without a master copy."""
+        tensor, or a QuantizedWeight (float8, int8 or int4; row or group scales) updated without a
+        master copy."""
         maximize, weight_update = options
         grad = param.grad
         if (param.device.type != "cpu" or grad.dtype != torch.float32
@@ -135,9 +136,9 @@ class AdamW(LowBitOptimizer):
                 or not all(kernels.supported(f) for f in formats.values())):
             return False
         block_size = formats["exp_avg"].block_size
-        float8 = isinstance(param, QuantizedWeight) and kernels.float8_supported(
+        quantized = isinstance(param, QuantizedWeight) and kernels.weight_supported(
             param.format, param.shape, block_size, weight_update)
-        if not float8 and (param.dtype != torch.float32 or not param.is_contiguous()
+        if not quantized and (param.dtype != torch.float32 or not param.is_contiguous()
                            or is_low_precision(param)):
             return False
         library = kernels.cpu_kernels()
@@ -152,11 +153,11 @@ class AdamW(LowBitOptimizer):
             inverse_bias_correction2_sqrt=1 / scalars["bias_correction2_sqrt"],
             neg_step_size=-scalars["step_size"], maximize=int(maximize),
         ))
-        if float8:
-            weight = kernels.float8_args(param, weight_seed, weight_update == "eco", scalars["eco_scale"])
+        if quantized:
+            weight = kernels.weight_args(param, weight_seed, weight_update == "eco", scalars["eco_scale"])
             rows, cols = param.shape
             per_unit = kernels.rows_per_unit(cols, block_size)
-            kernels.run_blocks(library.adamw_step_float8_rows, per_unit, block_size,
+            kernels.run_blocks(library.adamw_step_weight_rows, per_unit, block_size,
                                ctypes.byref(weight), grad.data_ptr(), ctypes.byref(m), ctypes.byref(v),
                                constants, units=-(-rows // per_unit))
         else:

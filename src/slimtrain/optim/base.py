@@ -202,16 +202,20 @@ class LowBitOptimizer(torch.optim.Optimizer):
         fused = group["compile"] and (quantized_states or low_precision)
         if fused and self._fused_step(param, formats, state, scalars, seeds, options, weight_seed):
             return
-        compiled = fused and quantized_states and not low_precision  # torch.compile
+        # no kernel covers it: torch.compile (for low-precision weights not on a CPU, see
+        # EAGER_WEIGHT_DEVICES), else eager
+        compiled = fused and not (low_precision and param.device.type in EAGER_WEIGHT_DEVICES)
         if compiled:  # tensors, so that a compiled step does not specialize on their values
             scalars = {k: v if isinstance(v, bool) else torch.tensor(v, dtype=torch.float32,
                                                                      device=param.device)
                        for k, v in scalars.items()}
-            seeds = {name: None if seed is None else torch.tensor(seed, device=param.device)
-                     for name, seed in seeds.items()}
+            def as_tensor(seed: int | None) -> torch.Tensor | None:
+                return None if seed is None else torch.tensor(seed, device=param.device)
+            seeds = {name: as_tensor(seed) for name, seed in seeds.items()}
+            weight_seed = as_tensor(weight_seed)
         grad = param.grad.reshape(-1)
-        if isinstance(param, QuantizedWeight):
-            chunks, target = [(param, 0, param.numel())], param
+        if isinstance(param, QuantizedWeight):  # compiled steps see its plain tensors
+            chunks, target = [(param.parts() if compiled else param, 0, param.numel())], param
         else:
             target = param if param.is_contiguous() else param.contiguous()
             flat, size = target.view(-1), chunk_numel(group["block_size"], param.device)
@@ -331,7 +335,8 @@ def step_chunk_(
 ) -> None:
     """One chunk of a step: decode the states to float32, apply the update rule, store the
     weight, encode the states. ``param`` is a flat chunk (or a whole QuantizedWeight), ``grad``
-    the matching flat gradient, ``views`` the chunk's state tensors, ``noise_start`` the chunk's
+    the matching flat gradient (a QuantizedWeight is passed whole, as its WeightParts when
+    compiled), ``views`` the chunk's state tensors, ``noise_start`` the chunk's
     first element in its tensor; ``options`` is (maximize, weight update of a low-precision
     parameter or None).
 
@@ -359,6 +364,9 @@ def step_chunk_(
 
 _compiled_step_chunk = None
 COMPILE_LIMIT = 64
+# devices whose low-precision weights (those no kernel covers) step eagerly: on a CPU, compiling
+# their step costs more than a run of a few hundred steps saves (benchmarks/README.md)
+EAGER_WEIGHT_DEVICES = {"cpu"}
 
 
 def compiled_step_chunk(*args: Any) -> None:

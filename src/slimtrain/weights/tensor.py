@@ -10,7 +10,7 @@ in-place op, e.g. from ``torch.optim.AdamW``, raises a TypeError instead of sile
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch.utils._pytree import tree_map
@@ -26,6 +26,33 @@ class WeightFormat:
     fmt: str
     granularity: str = "row"
     group_size: int = 128
+
+
+class WeightParts(NamedTuple):
+    """The storage of a :class:`QuantizedWeight` as plain tensors: what a compiled optimizer step
+    reads and writes (``torch.compile`` traces plain tensors, not tensor subclasses)."""
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    format: WeightFormat
+    shape: torch.Size
+
+
+def dequantize_parts(parts: WeightParts) -> torch.Tensor:
+    """The float32 weight of ``parts``, shape ``parts.shape`` (a new tensor)."""
+    f = parts.format
+    return dequantize_weight(parts.codes, parts.scales, f.fmt, parts.shape, f.granularity, f.group_size)
+
+
+def quantize_parts_(parts: WeightParts, value: torch.Tensor, seed: int | torch.Tensor | None = None
+                    ) -> torch.Tensor:
+    """Store float ``value`` in ``parts`` (re-quantized, scales recomputed; stochastic rounding
+    with ``seed``); returns what is now stored, dequantized, shape ``parts.shape``."""
+    f = parts.format
+    codes, scales = quantize_weight(value.reshape(parts.shape), f.fmt, f.granularity, f.group_size, seed)
+    parts.codes.copy_(codes)
+    parts.scales.copy_(scales)
+    return dequantize_weight(codes, scales, f.fmt, parts.shape, f.granularity, f.group_size)
 
 
 _aten = torch.ops.aten
@@ -59,20 +86,18 @@ class QuantizedWeight(torch.Tensor):
                                         format.group_size, seed)
         return cls(codes, scales, format, weight.shape)
 
+    def parts(self) -> WeightParts:
+        """The codes and scales (the tensors themselves, not copies), format and shape."""
+        return WeightParts(self.codes, self.scales, self.format, self.shape)
+
     def dequantize(self) -> torch.Tensor:
         """The float32 weight (a new tensor)."""
-        f = self.format
-        return dequantize_weight(self.codes, self.scales, f.fmt, self.shape, f.granularity, f.group_size)
+        return dequantize_parts(self.parts())
 
     def quantize_(self, value: torch.Tensor, seed: int | None = None) -> torch.Tensor:
         """Store float ``value`` (re-quantized, scales recomputed); returns what is now stored,
         dequantized. Used by slimtrain's optimizers."""
-        f = self.format
-        codes, scales = quantize_weight(value.reshape(self.shape), f.fmt, f.granularity,
-                                        f.group_size, seed)
-        self.codes.copy_(codes)
-        self.scales.copy_(scales)
-        return dequantize_weight(codes, scales, f.fmt, self.shape, f.granularity, f.group_size)
+        return quantize_parts_(self.parts(), value, seed)
 
     def __repr__(self) -> str:  # noqa: D105
         return f"QuantizedWeight({tuple(self.shape)}, {self.format})"
@@ -134,20 +159,25 @@ def is_low_precision(param: torch.Tensor) -> bool:
     return isinstance(param, QuantizedWeight) or param.dtype in (torch.bfloat16, torch.float16)
 
 
-def read_weight(param: torch.Tensor) -> torch.Tensor:
+def read_weight(param: torch.Tensor | WeightParts) -> torch.Tensor:
     """``param`` as a flat float32 tensor: itself (or a view) for float32, else a decoded copy."""
     if isinstance(param, QuantizedWeight):
-        return param.dequantize().view(-1)
+        param = param.parts()
+    if isinstance(param, WeightParts):
+        return dequantize_parts(param).view(-1)
     if param.dtype == torch.float32:
         return param if param.dim() == 1 else param.view(-1)
     return param.float().view(-1)
 
 
-def store_weight_(param: torch.Tensor, value: torch.Tensor, seed: int | None = None) -> torch.Tensor:
+def store_weight_(param: torch.Tensor | WeightParts, value: torch.Tensor,
+                  seed: int | torch.Tensor | None = None) -> torch.Tensor:
     """Write float32 ``value`` into low-precision ``param`` (nearest rounding, or stochastic with
     ``seed``; FP16 is always nearest). Returns what is now stored, as a flat float32 tensor."""
     if isinstance(param, QuantizedWeight):
-        return param.quantize_(value, seed).view(-1)
+        param = param.parts()
+    if isinstance(param, WeightParts):
+        return quantize_parts_(param, value, seed).view(-1)
     if seed is not None and param.dtype == torch.bfloat16:
         value = quantize_weight(value.view(1, -1), "bf16", seed=seed)[0]
     param.copy_(value.view_as(param))

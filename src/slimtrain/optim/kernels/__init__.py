@@ -136,10 +136,10 @@ def _declare(library: ctypes.CDLL) -> None:
         ctypes.c_void_p, ctypes.POINTER(StateArgs), ctypes.POINTER(StateArgs),
         ctypes.POINTER(AdamWScalars),
     ]
-    library.adamw_step_float8_rows.restype = ctypes.c_int
-    library.adamw_step_float8_rows.argtypes = [
+    library.adamw_step_weight_rows.restype = ctypes.c_int
+    library.adamw_step_weight_rows.argtypes = [
         ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
-        ctypes.POINTER(Float8WeightArgs), ctypes.c_void_p, ctypes.POINTER(StateArgs),
+        ctypes.POINTER(WeightArgs), ctypes.c_void_p, ctypes.POINTER(StateArgs),
         ctypes.POINTER(StateArgs), ctypes.POINTER(AdamWScalars),
     ]
 
@@ -168,18 +168,22 @@ def supported(fmt: StateFormat) -> bool:
     return fmt.bits == 32 or fmt.quantized
 
 
-class Float8WeightArgs(ctypes.Structure):
-    """Mirror of ``float8_weight_t`` in adamw_cpu.c."""
+class WeightArgs(ctypes.Structure):
+    """Mirror of ``weight_t`` in adamw_cpu.c."""
 
     _fields_ = [
-        ("rows", ctypes.c_int64), ("cols", ctypes.c_int64), ("mantissa_bits", ctypes.c_int32),
-        ("exponent_bias", ctypes.c_int32), ("max", ctypes.c_float),
-        ("stochastic", ctypes.c_int32), ("key", ctypes.c_uint32), ("eco", ctypes.c_int32),
-        ("eco_scale", ctypes.c_float), ("codes", ctypes.c_void_p), ("scales", ctypes.c_void_p),
+        ("rows", ctypes.c_int64), ("cols", ctypes.c_int64), ("group", ctypes.c_int64),
+        ("format", ctypes.c_int32), ("mantissa_bits", ctypes.c_int32), ("exponent_bias", ctypes.c_int32),
+        ("max", ctypes.c_float), ("stochastic", ctypes.c_int32), ("key", ctypes.c_uint32),
+        ("eco", ctypes.c_int32), ("eco_scale", ctypes.c_float), ("codes", ctypes.c_void_p),
+        ("scales", ctypes.c_void_p),
     ]
 
 
 FLOAT8_LAYOUTS = {"fp8_e4m3": (3, 7), "fp8_e5m2": (2, 15)}  # (mantissa bits, exponent bias)
+WEIGHT_FLOAT8, WEIGHT_INT8, WEIGHT_INT4 = 0, 1, 2
+WEIGHT_KINDS = {"fp8_e4m3": WEIGHT_FLOAT8, "fp8_e5m2": WEIGHT_FLOAT8, "int8": WEIGHT_INT8,
+                "int4": WEIGHT_INT4}
 MAX_UNIT = 2**20  # elements of the kernel's unit of work: whole rows and whole state blocks
 
 
@@ -188,21 +192,31 @@ def rows_per_unit(cols: int, block_size: int) -> int:
     return math.lcm(cols, block_size) // cols
 
 
-def float8_supported(format: WeightFormat, shape: torch.Size, block_size: int,
+def scale_group(format: WeightFormat, cols: int) -> int:
+    """Elements of a row that share one scale: the row, or a group of it."""
+    return format.group_size if format.granularity == "group" else cols
+
+
+def weight_supported(format: WeightFormat, shape: torch.Size, block_size: int,
                      weight_update: str | None) -> bool:
-    """Whether the kernel updates a weight of ``format`` and ``shape``: float8 with row scales,
-    "eco" or "naive" updates, units of whole rows and blocks of at most MAX_UNIT elements."""
-    return (format.fmt in FLOAT8_LAYOUTS and format.granularity == "row" and len(shape) == 2
-            and math.lcm(shape[1], block_size) <= MAX_UNIT and weight_update in ("eco", "naive"))
+    """Whether the kernel updates a weight of ``format`` and ``shape``: float8, int8 or int4 codes
+    with row or group scales (int4: groups of a multiple of 8 elements), "eco" or "naive"
+    updates, units of whole rows and blocks of at most MAX_UNIT elements."""
+    if (format.fmt not in WEIGHT_KINDS or format.granularity not in ("row", "group") or len(shape) != 2
+            or weight_update not in ("eco", "naive")):
+        return False
+    cols, group = shape[1], scale_group(format, shape[1])
+    return (cols % group == 0 and (format.fmt != "int4" or group % 8 == 0)
+            and math.lcm(cols, block_size) <= MAX_UNIT)
 
 
-def float8_args(weight: QuantizedWeight, seed: int | None, eco: bool, eco_scale: float) -> Float8WeightArgs:
-    """The ``float8_weight_t`` of a float8 QuantizedWeight (``seed``: stochastic rounding)."""
+def weight_args(weight: QuantizedWeight, seed: int | None, eco: bool, eco_scale: float) -> WeightArgs:
+    """The ``weight_t`` of a QuantizedWeight (``seed``: stochastic rounding)."""
     fmt = weight.format.fmt
-    mantissa_bits, bias = FLOAT8_LAYOUTS[fmt]
-    return Float8WeightArgs(
-        rows=weight.shape[0], cols=weight.shape[1], mantissa_bits=mantissa_bits, exponent_bias=bias,
-        max=format_max(fmt),
+    mantissa_bits, bias = FLOAT8_LAYOUTS.get(fmt, (0, 0))
+    return WeightArgs(
+        rows=weight.shape[0], cols=weight.shape[1], group=scale_group(weight.format, weight.shape[1]),
+        format=WEIGHT_KINDS[fmt], mantissa_bits=mantissa_bits, exponent_bias=bias, max=format_max(fmt),
         stochastic=int(seed is not None), key=0 if seed is None else noise_key(seed), eco=int(eco),
         eco_scale=eco_scale, codes=weight.codes.data_ptr(), scales=weight.scales.data_ptr(),
     )
@@ -215,7 +229,7 @@ MIN_BLOCKS_PER_THREAD = 64
 def run_blocks(kernel: Callable[..., int], size: int, block_size: int, *args: Any,
                units: int | None = None) -> None:
     """Call ``kernel(size, block_size, first, last, *args)`` over the blocks of a tensor of
-    ``size`` elements, or over ``units`` units of ``size`` elements (float8 rows: ``size`` is
+    ``size`` elements, or over ``units`` units of ``size`` elements (weight rows: ``size`` is
     then rows per unit), split across ``torch.get_num_threads()`` threads; ctypes releases the
     GIL during each call."""
     global _pool
@@ -233,4 +247,4 @@ def run_blocks(kernel: Callable[..., int], size: int, block_size: int, *args: An
         statuses = [kernel(*calls[0])]
     if any(statuses):
         raise ValueError(f"kernel rejected block_size={block_size}: a multiple of 8 up to 65536 "
-                         "(that divides the rows of a float8 weight)")
+                         "(that divides the rows of a quantized weight, whose scale groups divide its rows)")

@@ -1,6 +1,7 @@
 /* One fused AdamW step over a range of blocks of a float32 parameter whose moments are stored in
  * float32, in bit-packed codes with an absmax scale per block (a codebook), or in bit-packed codes
- * on logarithmic levels (SOLO), and over float8 weights with row scales (ECO or naive updates).
+ * on logarithmic levels (SOLO), and over quantized weights (float8, int8 or int4 codes with row or
+ * group scales) updated without a master copy (ECO or naive updates).
  * Groups of 8 blocks are decoded into buffers in L1, updated, and encoded again: one pass over the
  * parameter, the gradient and the state bytes, no full-size temporary. Work is done on 8-lane
  * vectors (GCC vector extensions; AVX2 where it helps), the per-block scalars of a group one
@@ -528,29 +529,33 @@ static void encode_blocks(const state_t *s, int64_t first, int64_t count, int64_
                      x + b * block_size, w);
 }
 
-/* ------------------------------------------------------------------- float8 weights */
+/* ---------------------------------------------------------------- quantized weights */
+enum { WEIGHT_FLOAT8 = 0, WEIGHT_INT8 = 1, WEIGHT_INT4 = 2 };
+
 typedef struct {
     int64_t rows, cols;     /* the weight's shape */
-    int32_t mantissa_bits;  /* 3 (E4M3) or 2 (E5M2) */
-    int32_t exponent_bias;  /* 7 or 15 */
-    float max;              /* largest finite magnitude: 448 or 57344 */
+    int64_t group;          /* elements per scale: cols (row scales), or a group dividing cols */
+    int32_t format;         /* WEIGHT_*; int4 codes are value + 8, two per byte, cols % 8 == 0 */
+    int32_t mantissa_bits;  /* float8: 3 (E4M3) or 2 (E5M2) */
+    int32_t exponent_bias;  /* float8: 7 or 15 */
+    float max;              /* largest code magnitude: 448, 57344, 127 or 7 */
     int32_t stochastic;     /* stochastic rounding (else nearest) */
     uint32_t key;           /* mix32(seed) of the rounding noise, indexed by flat element */
     int32_t eco;            /* feed the rounding error back into m (ECO), else drop it */
     float eco_scale;        /* ECO's factor: (1 - beta1^t) / lr * (1 - 1/beta1) [* decay] */
-    uint8_t *codes;         /* (rows, cols) float8 codes */
-    float *scales;          /* (rows,) absmax / max */
-} float8_weight_t;
+    uint8_t *codes;         /* the codes, row-major */
+    float *scales;          /* (rows * cols / group,) absmax / max */
+} weight_t;
 
-/* The float8 layout as loop-invariant locals (the struct's fields would be reloaded after every
- * store of a code byte, which may alias them, and block vectorizing). */
+/* The layout as loop-invariant locals (the struct's fields would be reloaded after every store
+ * of a code byte, which may alias them, and block vectorizing). */
 typedef struct {
-    int32_t mantissa_bits, exponent_bias;
+    int32_t format, mantissa_bits, exponent_bias;
     float max, smallest_normal, subnormal_units, unbias;
-} float8_layout_t;
+} weight_layout_t;
 
-static float8_layout_t layout_of(const float8_weight_t *f) {
-    float8_layout_t l = {f->mantissa_bits, f->exponent_bias, f->max,
+static weight_layout_t layout_of(const weight_t *f) {
+    weight_layout_t l = {f->format, f->mantissa_bits, f->exponent_bias, f->max,
                          power_of_two(1 - f->exponent_bias),
                          power_of_two(f->exponent_bias - 1 + f->mantissa_bits),
                          power_of_two(127 - f->exponent_bias)};
@@ -560,7 +565,7 @@ static float8_layout_t layout_of(const float8_weight_t *f) {
 /* the values of 8 float8 codes, exactly as torch decodes every finite code: the code's exponent
  * and mantissa bits placed in a float32 (a float32 subnormal where the float8 is subnormal) and
  * rescaled by 2^(127 - bias). Codes above the largest finite value decode beyond max. */
-static inline f8 float8_decode8(i8 codes, float8_layout_t l) {
+static inline f8 float8_decode8(i8 codes, weight_layout_t l) {
     const i8 bits = ((codes & 0x7F) << (23 - l.mantissa_bits)) | ((codes & 0x80) << 24);
     return (f8)bits * l.unbias;
 }
@@ -594,7 +599,7 @@ static inline void store_codes(uint8_t *p, i8 codes, int64_t n) { /* codes in 0 
 }
 
 /* nearest float8 codes of |y| <= max, ties to even (as torch converts) */
-static inline i8 float8_nearest8(f8 y, float8_layout_t l) {
+static inline i8 float8_nearest8(f8 y, weight_layout_t l) {
     const i8 sign = ((i8)y >> 24) & 0x80;
     const f8 a = (f8)((i8)y & 0x7FFFFFFF);
     f8 units = a * l.subnormal_units; /* multiples of the smallest subnormal, to nearest even */
@@ -612,7 +617,7 @@ static inline i8 float8_nearest8(f8 y, float8_layout_t l) {
 }
 
 /* slimtrain.quant.formats._float8_stochastic for 8 values |y| <= max and their noise in [0, 1) */
-static inline i8 float8_stochastic8(f8 y, f8 noise, float8_layout_t l) {
+static inline i8 float8_stochastic8(f8 y, f8 noise, weight_layout_t l) {
     const i8 nearest = float8_nearest8(y, l);
     const f8 near = float8_decode8(nearest, l);
     const i8 magnitude = nearest & 0x7F, sign = nearest & 0x80;
@@ -632,6 +637,34 @@ static inline i8 float8_stochastic8(f8 y, f8 noise, float8_layout_t l) {
     const f8 distance = (f8)((i8)(y - near) & 0x7FFFFFFF);
     const f8 p_other = select8(gap > 0.0f, distance * (f8)(0x7F000000 - (i8)gap), splat8(0.0f));
     return (i8)select8(noise < p_other, (f8)other_code, (f8)nearest);
+}
+
+/* n <= 8 codes of a weight from element `at` of `codes`, as their unscaled values (int4: n == 8,
+ * `at` a multiple of 8) */
+static inline f8 weight_decode8(const uint8_t *codes, int64_t at, int64_t n, weight_layout_t l) {
+    if (l.format == WEIGHT_FLOAT8) return float8_decode8(load_codes(codes + at, n), l);
+    if (l.format == WEIGHT_INT8) return __builtin_convertvector((load_codes(codes + at, n) ^ 0x80) - 0x80, f8);
+    return __builtin_convertvector(unpack8(codes + at / 2, 4) - 8, f8);
+}
+
+/* Round n <= 8 scaled values y (|y| <= max up to the division's rounding) to codes stored from
+ * element `at`, as slimtrain.quant.formats.quantize_weight does; returns the codes' unscaled
+ * values. `noise`: the stochastic-rounding noise of these elements, or NULL for nearest. */
+static inline f8 weight_encode8(f8 y, const f8 *noise, uint8_t *codes, int64_t at, int64_t n,
+                                weight_layout_t l) {
+    const f8 top = splat8(l.max);
+    if (l.format == WEIGHT_FLOAT8) {
+        y = select8(y < -top, -top, select8(y > top, top, y));
+        const i8 code = noise ? float8_stochastic8(y, *noise, l) : float8_nearest8(y, l);
+        store_codes(codes + at, code, n);
+        return float8_decode8(code, l);
+    }
+    f8 r = floor8(y + (noise ? *noise : splat8(0.5f))); /* rounding.round_stochastic, then clamp */
+    r = select8(r < -top, -top, select8(r > top, top, r));
+    const i8 value = __builtin_convertvector(r, i8);
+    if (l.format == WEIGHT_INT8) store_codes(codes + at, value & 0xFF, n);
+    else pack8(value + 8, 4, codes + at / 2);
+    return r;
 }
 
 /* ------------------------------------------------------------------------- workspaces */
@@ -735,26 +768,29 @@ int adamw_step_blocks(int64_t numel, int64_t block_size, int64_t first_block, in
     return 0;
 }
 
-/* The step of a (rows, cols) weight stored in float8 with one scale per row, in units of
- * rows_per_unit rows (a whole number of rows and of state blocks: lcm(cols, block_size) elements,
- * the last unit possibly shorter). Each row is decoded, updated, re-quantized with its new absmax
- * (the rounding error fed back into m under ECO) and the unit's state blocks encoded, as
- * slimtrain.optim.base.step_chunk_ does for the whole weight. */
-int adamw_step_float8_rows(int64_t rows_per_unit, int64_t block_size, int64_t first_unit,
-                           int64_t last_unit, const float8_weight_t *f, const float *grad,
+/* The step of a (rows, cols) quantized weight (float8, int8 or int4 codes; a scale per row or per
+ * group of a row), in units of rows_per_unit rows (a whole number of rows and of state blocks:
+ * lcm(cols, block_size) elements, the last unit possibly shorter). Each row is decoded, updated,
+ * re-quantized with the new absmax of each scale's elements (the rounding error fed back into m
+ * under ECO) and the unit's state blocks encoded, as slimtrain.optim.base.step_chunk_ does for
+ * the whole weight. */
+int adamw_step_weight_rows(int64_t rows_per_unit, int64_t block_size, int64_t first_unit,
+                           int64_t last_unit, const weight_t *f, const float *grad,
                            const state_t *m, const state_t *v, const adamw_scalars_t *c) {
-    const int64_t cols = f->cols, unit = rows_per_unit * cols;
+    const int64_t cols = f->cols, unit = rows_per_unit * cols, group = f->group;
     if (block_size <= 0 || block_size % 8 || block_size > 65536 || unit % block_size) return 1;
+    if (group <= 0 || cols % group || (f->format == WEIGHT_INT4 && group % 8)) return 1;
     workspace_t w;
     if (open_workspace(&w, 3 * unit + cols, block_size, m, v)) return 2;
     float *w_all = w.floats, *m_all = w.floats + unit, *v_all = w.floats + 2 * unit;
     float *denominators = w.floats + 3 * unit;
-    const int64_t numel = f->rows * cols;
+    const int64_t numel = f->rows * cols, groups_per_row = cols / group;
     const update_constants_t k = constants_of(c);
-    const float8_layout_t l = layout_of(f);
+    const weight_layout_t l = layout_of(f);
     const int eco = f->eco, stochastic = f->stochastic;
     const float eco_scale = f->eco_scale;
     const uint32_t key = f->key;
+    uint8_t *const codes = f->codes;
     for (int64_t u = first_unit; u < last_unit; ++u) {
         const int64_t first_row = u * rows_per_unit, start = first_row * cols;
         const int64_t row_count = f->rows - first_row < rows_per_unit ? f->rows - first_row : rows_per_unit;
@@ -763,25 +799,31 @@ int adamw_step_float8_rows(int64_t rows_per_unit, int64_t block_size, int64_t fi
         decode_blocks(m, first_block, blocks, block_size, numel, m_all);
         decode_blocks(v, first_block, blocks, block_size, numel, v_all);
         for (int64_t r = 0; r < row_count; ++r) {
-            const int64_t row = first_row + r, at = row * cols;
+            const int64_t row = first_row + r;
             float *w_row = w_all + r * cols, *m_row = m_all + r * cols, *v_row = v_all + r * cols;
-            uint8_t *codes = f->codes + at;
-            const f8 scale = splat8(f->scales[row]);
-            FOR_PARTS(cols, store_part(w_row + i, float8_decode8(load_codes(codes + i, n), l) * scale, n);)
-            adamw_update(w_row, grad + at, m_row, v_row, cols, k, eco ? denominators : NULL);
-            f8 lane_max = splat8(0.0f); /* slimtrain.quant.formats.quantize_weight, row scales */
-            FOR_PARTS(cols, lane_max = max8((f8)((i8)load_part(w_row + i, n) & 0x7FFFFFFF), lane_max);)
-            const float absmax = lanes_max(lane_max, 0.0f), new_scale = absmax / l.max;
-            const f8 divisor = splat8(new_scale > 0.0f ? new_scale : 1.0f), top = splat8(l.max);
-            FOR_PARTS(cols, {
-                const f8 w = load_part(w_row + i, n);
-                f8 y = w / divisor;
-                y = select8(y < -top, -top, select8(y > top, top, y));
-                const i8 code = stochastic ? float8_stochastic8(y, noise8(key, at + i), l) : float8_nearest8(y, l);
-                store_codes(codes + i, code, n);
-                store_part(w_row + i, w - float8_decode8(code, l) * new_scale, n); /* the rounding error */
-            })
-            f->scales[row] = new_scale;
+            float *scales = f->scales + row * groups_per_row;
+            for (int64_t g = 0; g < groups_per_row; ++g) {
+                const int64_t at = row * cols + g * group;
+                const f8 scale = splat8(scales[g]);
+                float *values = w_row + g * group;
+                FOR_PARTS(group, store_part(values + i, weight_decode8(codes, at + i, n, l) * scale, n);)
+            }
+            adamw_update(w_row, grad + row * cols, m_row, v_row, cols, k, eco ? denominators : NULL);
+            for (int64_t g = 0; g < groups_per_row; ++g) { /* quantize_weight: absmax scales */
+                const int64_t at = row * cols + g * group;
+                float *values = w_row + g * group;
+                f8 lane_max = splat8(0.0f);
+                FOR_PARTS(group, lane_max = max8((f8)((i8)load_part(values + i, n) & 0x7FFFFFFF), lane_max);)
+                const float absmax = lanes_max(lane_max, 0.0f), new_scale = absmax / l.max;
+                const f8 divisor = splat8(new_scale > 0.0f ? new_scale : 1.0f);
+                FOR_PARTS(group, {
+                    const f8 x = load_part(values + i, n);
+                    const f8 noise = stochastic ? noise8(key, at + i) : splat8(0.0f);
+                    const f8 stored = weight_encode8(x / divisor, stochastic ? &noise : NULL, codes, at + i, n, l);
+                    store_part(values + i, x - stored * new_scale, n); /* the rounding error */
+                })
+                scales[g] = new_scale;
+            }
             if (eco) /* m += (eco_scale * denominator) * error: ECO */
                 for (int64_t i = 0; i < cols; ++i) m_row[i] = m_row[i] + eco_scale * denominators[i] * w_row[i];
         }

@@ -1,0 +1,38 @@
+"""The torch.compile step (the GPU path; on a CPU the path of formats no C kernel covers), traced
+here by Inductor's C++ backend, agrees with the eager step up to rounding (compiled code may fuse
+multiply-adds, so the bits can differ where a value lies at a level boundary)."""
+
+import pytest
+
+import slimtrain.optim.base as base
+from slimtrain.optim import kernels
+from tests.optim.helpers import assert_agree_to_rounding
+from tests.optim.test_kernels import run, run_weight
+
+
+@pytest.fixture
+def compiled_calls(monkeypatch):
+    """No C kernel, compiled steps for weights on the CPU too; counts the compiled calls."""
+    calls, original = [], base.compiled_step_chunk
+    monkeypatch.setattr(kernels, "cpu_kernels", lambda: None)
+    monkeypatch.setattr(base, "EAGER_WEIGHT_DEVICES", set())
+    monkeypatch.setattr(base, "compiled_step_chunk", lambda *a: calls.append(1) or original(*a))
+    return calls
+
+
+@pytest.mark.filterwarnings("error::RuntimeWarning")  # a failed compilation must not pass as eager
+def test_compiled_low_bit_states_agree_with_eager(compiled_calls):
+    options = dict(state_bits=(4, 2), state_rounding="nearest")
+    compiled = run(True, (300, 70), steps=3, **options)
+    assert len(compiled_calls) == 3
+    assert_agree_to_rounding(compiled, run(False, (300, 70), steps=3, **options))
+
+
+@pytest.mark.filterwarnings("error::RuntimeWarning")
+@pytest.mark.parametrize("fmt", ["fp8_e4m3", "int8"])
+def test_compiled_eco_weight_step_agrees_with_eager(compiled_calls, fmt):
+    """A quantized weight goes into the compiled step as its plain codes and scales."""
+    options = dict(state_bits=(32, 32), rounding="stochastic")
+    compiled = run_weight(True, (64, 96), fmt, steps=3, **options)
+    assert len(compiled_calls) == 3
+    assert_agree_to_rounding(compiled, run_weight(False, (64, 96), fmt, steps=3, **options))
