@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 import slimtrain as st
+from slimtrain.distributed import launch
 from slimtrain.train.bench import BENCH_HEADER, format_row, run_bench
 from slimtrain.train.compare import DEFAULT_COMPARE_RECIPES, compare
 from slimtrain.train.models import GPT_SIZES
@@ -107,7 +108,8 @@ def _add_run_options(parser: argparse.ArgumentParser, recipe: bool = True) -> No
     parser.add_argument("--dist-timeout", type=_number(float, 0, False),
                         help=f"seconds to wait for other ranks before failing ({defaults.dist_timeout:g})")
     parser.add_argument("--device", choices=list(DEVICES),
-                        help=f"train on cpu or cuda (GPU LOCAL_RANK under torchrun) ({defaults.device})")
+                        help="cpu, cuda (GPU LOCAL_RANK under torchrun) or auto: cuda where torch "
+                             f"sees a GPU ({defaults.device})")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -155,8 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only", nargs="+", metavar="TEXT",
                    help="configurations whose name contains TEXT (the fused baseline always runs)")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
-                   help="where the parameters and states live (default cpu)")
+    p.add_argument("--device", choices=list(DEVICES), default="auto",
+                   help="where the parameters and states live: cpu, cuda or auto (cuda where torch "
+                        "sees a GPU; default)")
     return parser
 
 
@@ -217,12 +220,13 @@ def _plan(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: this torch build sees no CUDA device; accepted here: cpu")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}")
+    device = launch.local_device(args.device).type
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}")
     print(BENCH_HEADER)
     report = run_bench(args.sizes, args.steps, args.warmup, args.only,
-                       progress=lambda row: print(format_row(row), flush=True), device=args.device)
+                       progress=lambda row: print(format_row(row), flush=True), device=device)
     compiled = report["kernel_compile_seconds"]
-    kernel_note = "" if args.device != "cpu" else "; C kernels " + (
+    kernel_note = "" if device != "cpu" else "; C kernels " + (
         f"compiled in {compiled:.1f} s (once per machine)" if compiled else "loaded from the cache")
     for name, reason in report["failed_peers"].items():
         print(f"{name}: failed on this machine, left out ({reason})")

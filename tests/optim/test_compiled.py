@@ -24,7 +24,7 @@ def compiled_calls(monkeypatch):
 def test_compiled_low_bit_states_agree_with_eager(compiled_calls):
     options = dict(state_bits=(4, 2), state_rounding="nearest")
     compiled = run(True, (300, 70), steps=3, **options)
-    assert len(compiled_calls) == 3
+    assert len(compiled_calls) == 2  # the first step is eager
     assert_agree_to_rounding(compiled, run(False, (300, 70), steps=3, **options))
 
 
@@ -34,5 +34,5 @@ def test_compiled_eco_weight_step_agrees_with_eager(compiled_calls, fmt):
     """A quantized weight goes into the compiled step as its plain codes and scales."""
     options = dict(state_bits=(32, 32), rounding="stochastic")
     compiled = run_weight(True, (64, 96), fmt, steps=3, **options)
-    assert len(compiled_calls) == 3
+    assert len(compiled_calls) == 2  # the first step is eager
     assert_agree_to_rounding(compiled, run_weight(False, (64, 96), fmt, steps=3, **options))

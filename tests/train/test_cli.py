@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from slimtrain.cli import main
+from slimtrain.train import bench
 from slimtrain.train.trainer import CHECKPOINT, TrainConfig, Trainer, read_metrics, train
 
 TINY = ["--model", "tiny", "--data", "python-docs", "--steps", "6", "--batch-size", "4", "--seq-len", "32",
@@ -149,6 +150,8 @@ def test_an_existing_run_directory_needs_force(tmp_path, capsys):
     (["--recipe", "lordo", "--optim", "block_size=64"], "optim options apply to AdamW recipes"),
     (["--optim", "state_maps=log,log"], "state_maps"),
     (["--optim", "block_size=7"], "block_size"),
+    pytest.param(["--device", "cuda"], "device 'cuda': this torch build sees no CUDA device",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here")),
 ])
 def test_bad_input_is_one_error_line(tmp_path, capsys, argv, message):
     files = {"EMPTY": b"  \n", "BINARY": b"\x00\x01\x02abc", "SHORT": b"To be, or not to be."}
@@ -170,6 +173,7 @@ def test_bad_input_is_one_error_line(tmp_path, capsys, argv, message):
     (["--lr=-1e-3"], "must be > 0"),
     (["--batch-size", "two"], "not a valid int"),
     (["--lordo", "svd"], "is not KEY=VALUE"),
+    (["--device", "gpu"], "invalid choice"),
 ])
 def test_invalid_options_are_rejected_by_the_parser(capsys, argv, message):
     with pytest.raises(SystemExit) as exit_info:
@@ -270,6 +274,25 @@ def test_bench_prints_ratios_and_writes_json(tmp_path, capsys):
     assert low_bit["numel"] == 65536 and low_bit["state_bytes_per_param"] < 0.9
     assert low_bit["bytes_moved_per_param"] == pytest.approx(12 + 2 * low_bit["state_bytes_per_param"])
     assert low_bit["fraction_of_copy"] > 0 and report["copy_bandwidth_gbs"] > 0
+    assert report["device"] == "cpu" and report["failed_peers"] == {}
+
+
+def test_a_failing_peer_is_reported_and_left_out(monkeypatch, capsys):
+    """A peer library that cannot run here must not end the benchmark (slimtrain's own rows must)."""
+    def broken(params):
+        raise RuntimeError("no kernel image for this device")
+
+    monkeypatch.setattr(bench, "peers", lambda: {"broken AdamW": broken})
+    assert main(["bench", "--sizes", "64K", "--steps", "1", "--warmup", "1", "--only", "broken"]) == 0
+    printed = capsys.readouterr().out
+    assert "broken AdamW: failed on this machine, left out (RuntimeError: no kernel image" in printed
+    assert "torch AdamW fused" in printed
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here")
+def test_bench_on_cuda_without_a_gpu_is_a_clear_error(capsys):
+    assert main(["bench", "--device", "cuda"]) == 2
+    assert "--device cuda: this torch build sees no CUDA device" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("size, message", [("12", "at least 1024"), ("lots", "not a size")])

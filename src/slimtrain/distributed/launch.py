@@ -23,8 +23,10 @@ def launched_by_torchrun() -> bool:
 
 
 def local_device(device: str) -> torch.device:
-    """The torch.device of this worker for a run on ``device`` ("cpu" or "cuda"): under torchrun,
-    CUDA rank r of a machine uses GPU LOCAL_RANK."""
+    """The torch.device of this worker for a run on ``device``: "cpu", "cuda" (under torchrun, rank
+    r of a machine uses GPU LOCAL_RANK) or "auto" (CUDA when this torch build sees a GPU)."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return torch.device("cpu")
@@ -33,14 +35,15 @@ def local_device(device: str) -> torch.device:
 def start(timeout_seconds: float, device: str = "cpu") -> tuple[int, int]:
     """Join torchrun's process group, or create a group of one. Returns (rank, world size).
 
-    Training on ``device`` "cuda" communicates through NCCL, on "cpu" through gloo. Collectives
+    Training on CUDA (``device``, see :func:`local_device`) communicates through NCCL, on the CPU
+    through gloo. Collectives
     that wait longer than ``timeout_seconds`` (a rank that died or hangs) raise instead of
     blocking forever.
     """
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     timeout = datetime.timedelta(seconds=timeout_seconds)
-    backend = "nccl" if device == "cuda" else "gloo"
+    backend = "nccl" if local_device(device).type == "cuda" else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(local_device(device))
     if launched_by_torchrun():

@@ -203,8 +203,9 @@ class LowBitOptimizer(torch.optim.Optimizer):
         if fused and self._fused_step(param, formats, state, scalars, seeds, options, weight_seed):
             return
         # no kernel covers it: torch.compile (for low-precision weights not on a CPU, see
-        # EAGER_WEIGHT_DEVICES), else eager
-        compiled = fused and not (low_precision and param.device.type in EAGER_WEIGHT_DEVICES)
+        # EAGER_WEIGHT_DEVICES), else eager; the first step (states start at zero) always runs
+        # eagerly rather than compiling a graph used once
+        compiled = fused and not first and not (low_precision and param.device.type in EAGER_WEIGHT_DEVICES)
         if compiled:  # tensors, so that a compiled step does not specialize on their values
             scalars = {k: v if isinstance(v, bool) else torch.tensor(v, dtype=torch.float32,
                                                                      device=param.device)

@@ -46,7 +46,7 @@ CHECKPOINT = "checkpoint.pt"
 CUSTOM_MODEL = "custom"
 # settings that may differ when resuming (they do not change the trajectory before the checkpoint)
 RESUMABLE_CHANGES = ("steps", "out", "eval_every", "checkpoint_every", "compile", "dist_timeout", "device")
-DEVICES = ("cpu", "cuda")
+DEVICES = ("auto", "cpu", "cuda")
 
 
 class CheckpointError(ValueError):
@@ -63,8 +63,8 @@ class TrainConfig:
     ``optim_options``: for AdamW recipes, "beta1" or a further :class:`slimtrain.AdamW` keyword
     argument (ADAMW_OPTIONS); pairs (state_maps, state_rounding) may be given as "m,v" strings.
     ``dist_timeout``: seconds a collective may wait for the other ranks before the run fails.
-    ``device``: "cpu" or "cuda" (rank r of a torchrun job on a machine uses GPU LOCAL_RANK, and the
-    ranks communicate through NCCL; on "cpu" through gloo)."""
+    ``device``: "cpu", "cuda" (rank r of a torchrun job on a machine uses GPU LOCAL_RANK, and the
+    ranks communicate through NCCL; on the CPU through gloo) or "auto": CUDA where torch sees a GPU."""
 
     recipe: str = DEFAULT_RECIPE
     model: str = "small"
@@ -91,7 +91,7 @@ class TrainConfig:
     lordo_options: dict[str, Any] = dataclasses.field(default_factory=dict)
     optim_options: dict[str, Any] = dataclasses.field(default_factory=dict)
     dist_timeout: float = 120.0
-    device: str = "cpu"
+    device: str = "auto"
 
     def validate(self) -> None:
         """Raise ValueError naming the first invalid setting and what it accepts."""
