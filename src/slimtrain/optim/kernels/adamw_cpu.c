@@ -139,11 +139,41 @@ static inline f8 exp2_8(f8 y) {
 
 static inline float power_of_two(int32_t n) { return bits_float((uint32_t)(n + 127) << 23); }
 
+/* ------------------------------------------------------ parts of vectors, bytes of codes */
+typedef uint8_t u8x8 __attribute__((vector_size(8)));
+
+/* BODY for i = 0, 8, 16, ... < COUNT with n = min(8, COUNT - i) elements: a constant 8 but in the tail */
+#define FOR_PARTS(COUNT, BODY) { \
+    int64_t i = 0; \
+    for (; i + 8 <= (COUNT); i += 8) { const int64_t n = 8; BODY } \
+    if (i < (COUNT)) { const int64_t n = (COUNT) - i; BODY } }
+
+/* n <= 8 floats (codes) from p, zeros after; and back */
+static inline f8 load_part(const float *p, int64_t n) { f8 v = {0}; memcpy(&v, p, (size_t)n * 4); return v; }
+static inline void store_part(float *p, f8 v, int64_t n) { memcpy(p, &v, (size_t)n * 4); }
+static inline i8 load_codes(const uint8_t *p, int64_t n) {
+    u8x8 c = {0};
+    memcpy(&c, p, (size_t)n);
+    return __builtin_convertvector(c, i8);
+}
+static inline void store_codes(uint8_t *p, i8 codes, int64_t n) { /* codes in 0 .. 255 */
+#if defined(__AVX2__)
+    const __m128i words = _mm_packus_epi32(_mm256_castsi256_si128((__m256i)codes),
+                                           _mm256_extracti128_si256((__m256i)codes, 1));
+    const __m128i bytes = _mm_packus_epi16(words, words);
+    memcpy(p, &bytes, (size_t)n);
+#else
+    u8x8 c = __builtin_convertvector(codes, u8x8);
+    memcpy(p, &c, (size_t)n);
+#endif
+}
+
 /* ------------------------------------------------------------------------- bit packing */
 /* 8 codes of `bits` bits fill exactly `bits` bytes, little-endian: code j at bit j * bits. One
  * group of 8 codes is one vector; `bits` is a constant wherever these are inlined. */
 
 static inline __attribute__((always_inline)) i8 unpack8(const uint8_t *src, int bits) {
+    if (bits == 8) return load_codes(src, 8); /* one byte per code */
     uint64_t word = 0;
     memcpy(&word, src, (size_t)bits);
     if (bits <= 4) /* every code in a 32-bit word: one shift per lane */
@@ -154,6 +184,7 @@ static inline __attribute__((always_inline)) i8 unpack8(const uint8_t *src, int 
 }
 
 static inline __attribute__((always_inline)) void pack8(i8 codes, int bits, uint8_t *dst) {
+    if (bits == 8) { store_codes(dst, codes, 8); return; }
     uint64_t word = 0;
     if (bits <= 4) { /* shift each lane into place, then OR the lanes together */
         u8v w = (u8v)codes << (LANE * (uint32_t)bits);
@@ -356,6 +387,58 @@ static void log_tables(const float *scales, int count, int last, float tables[GR
     }
 }
 
+/* one block of `bits`-bit codes (a constant where inlined) into values, element by element, with
+ * the operations of the tables below: exp2(log2(max) - step * code) when `levels` is NULL (the
+ * logarithmic map), else levels[code] * scale */
+static inline __attribute__((always_inline)) void decode_block_elements(
+    const uint8_t *codes, int bits, int64_t block_size, f8 log_top, f8 step, const float *levels,
+    f8 scale, float *values) {
+    for (int64_t g = 0; g < block_size / 8; ++g) {
+        const i8 k = unpack8(codes + bits * g, bits);
+        f8 v;
+        if (levels) {
+            for (int j = 0; j < 8; ++j) v[j] = levels[k[j]];
+            v = v * scale;
+        } else {
+            v = exp2_8(log_top - step * __builtin_convertvector(k, f8));
+        }
+        memcpy(values + 8 * g, &v, sizeof v);
+    }
+}
+
+/* decode_group for quantized states of more than 16 levels (tables would not fit in registers) */
+static void decode_group_elements(const state_t *s, int64_t first, int count, int64_t block_size,
+                                  float *out) {
+    const int bits = s->bits, log_map = s->kind == KIND_LOG;
+    f8 log_top = splat8(0.0f), step = splat8(0.0f);
+    i8 positive = {0};
+    if (log_map) { /* as log_tables */
+        f8 top = splat8(0.0f), bottom = splat8(0.0f);
+        for (int b = 0; b < count; ++b) {
+            top[b] = s->scales[2 * (first + b)];
+            bottom[b] = s->scales[2 * (first + b) + 1];
+        }
+        positive = top > 0.0f;
+        log_top = log2_8(select8(positive, top, splat8(1.0f)));
+        step = (log_top - log2_8(select8(positive, bottom, splat8(1.0f)))) / (float)((1 << bits) - 1);
+    }
+    for (int b = 0; b < count; ++b) {
+        const uint8_t *codes = s->codes + (first + b) * block_size * bits / 8;
+        float *values = out + b * block_size;
+        if (log_map && !positive[b]) { /* an all-zero block */
+            memset(values, 0, (size_t)block_size * sizeof(float));
+            continue;
+        }
+        const f8 top_b = splat8(log_top[b]), step_b = splat8(step[b]);
+        const float *levels = log_map ? NULL : s->levels;
+        const f8 scale = splat8(log_map ? 0.0f : s->scales[first + b]);
+#define ELEMENTS_CASE(BITS) \
+        case BITS: decode_block_elements(codes, BITS, block_size, top_b, step_b, levels, scale, values); break;
+        switch (bits) { EACH_CODE_WIDTH(ELEMENTS_CASE) }
+#undef ELEMENTS_CASE
+    }
+}
+
 /* blocks first .. first + count - 1 (count <= GROUP) of state s into out (count * block_size
  * floats; elements past numel read as 0) */
 static void decode_group(const state_t *s, int64_t first, int count, int64_t block_size,
@@ -368,6 +451,10 @@ static void decode_group(const state_t *s, int64_t first, int count, int64_t blo
         return;
     }
     const int last = (1 << s->bits) - 1;
+    if (last >= 16) { /* more levels than fit in registers: decode each element, no tables */
+        decode_group_elements(s, first, count, block_size, out);
+        return;
+    }
     float tables[GROUP][256];
     if (s->kind == KIND_LOG) log_tables(s->scales + 2 * first, count, last, tables);
     for (int b = 0; b < count; ++b) {
@@ -568,34 +655,6 @@ static weight_layout_t layout_of(const weight_t *f) {
 static inline f8 float8_decode8(i8 codes, weight_layout_t l) {
     const i8 bits = ((codes & 0x7F) << (23 - l.mantissa_bits)) | ((codes & 0x80) << 24);
     return (f8)bits * l.unbias;
-}
-
-typedef uint8_t u8x8 __attribute__((vector_size(8)));
-
-/* BODY for i = 0, 8, 16, ... < COUNT with n = min(8, COUNT - i) elements: a constant 8 but in the tail */
-#define FOR_PARTS(COUNT, BODY) { \
-    int64_t i = 0; \
-    for (; i + 8 <= (COUNT); i += 8) { const int64_t n = 8; BODY } \
-    if (i < (COUNT)) { const int64_t n = (COUNT) - i; BODY } }
-
-/* n <= 8 floats (codes) from p, zeros after; and back */
-static inline f8 load_part(const float *p, int64_t n) { f8 v = {0}; memcpy(&v, p, (size_t)n * 4); return v; }
-static inline void store_part(float *p, f8 v, int64_t n) { memcpy(p, &v, (size_t)n * 4); }
-static inline i8 load_codes(const uint8_t *p, int64_t n) {
-    u8x8 c = {0};
-    memcpy(&c, p, (size_t)n);
-    return __builtin_convertvector(c, i8);
-}
-static inline void store_codes(uint8_t *p, i8 codes, int64_t n) { /* codes in 0 .. 255 */
-#if defined(__AVX2__)
-    const __m128i words = _mm_packus_epi32(_mm256_castsi256_si128((__m256i)codes),
-                                           _mm256_extracti128_si256((__m256i)codes, 1));
-    const __m128i bytes = _mm_packus_epi16(words, words);
-    memcpy(p, &bytes, (size_t)n);
-#else
-    u8x8 c = __builtin_convertvector(codes, u8x8);
-    memcpy(p, &c, (size_t)n);
-#endif
 }
 
 /* nearest float8 codes of |y| <= max, ties to even (as torch converts) */
