@@ -2,12 +2,13 @@
 # The GPU checks of one session on a CUDA machine, in the order they matter, each with its own
 # time limit so that one slow or failing part leaves the others' results:
 #   1. `slimtrain bench --device cuda` (issue 6's ratios against torch's fused AdamW on CUDA),
-#   2. the tests that need CUDA (tests/optim/test_cuda.py: Triton step == eager CUDA step, CUDA ~ CPU),
+#   2. the tests that need CUDA (tests/optim/test_cuda.py: Triton and eager CUDA steps, CUDA and CPU
+#      steps agree to rounding),
 #   3. `slimtrain train --device cuda` tokens/s of adamw and slim on the medium GPT,
 #   4. LoRDO and DDP runs under torchrun on NCCL (one rank: one GPU).
 # At most about 9.5 minutes (the parts' time limits). Usage: bash benchmarks/gpu_checks.sh OUT_DIR
-# (uses the python3 that holds a CUDA torch;
-# peers installed from ./.whl when that folder holds wheels; corpus from $SLIMTRAIN_CACHE).
+# (the python3 that holds a CUDA torch; peers installed from ./.whl when that folder holds wheels;
+# the corpus from $SLIMTRAIN_CACHE, which a machine without internet needs carried in).
 set -u
 out=${1:?usage: gpu_checks.sh OUT_DIR}
 mkdir -p "$out"
