@@ -36,3 +36,25 @@ def test_compiled_eco_weight_step_agrees_with_eager(compiled_calls, fmt):
     compiled = run_weight(True, (64, 96), fmt, steps=3, **options)
     assert len(compiled_calls) == 2  # the first step is eager
     assert_agree_to_rounding(compiled, run_weight(False, (64, 96), fmt, steps=3, **options))
+
+
+@pytest.mark.filterwarnings("error::RuntimeWarning")
+def test_steps_do_not_recompile(compiled_calls):
+    """Seeds, learning rates and step counts change every step; none may trigger a new graph."""
+    import torch
+    from torch._dynamo.utils import counters
+
+    import slimtrain as st
+
+    weight = st.QuantizedWeight.from_float(torch.randn(64, 96) * 0.05, st.WeightFormat("fp8_e4m3", "row"))
+    param = torch.nn.Parameter(weight)
+    opt = st.AdamW([param], lr=1e-2, state_bits=(32, 32), rounding="stochastic", min_quantized_numel=0)
+    generator = torch.Generator().manual_seed(0)
+    for step in range(6):
+        opt.param_groups[0]["lr"] = 1e-2 * (1 + step)  # a schedule
+        param.grad = torch.randn(64, 96, generator=generator) * 0.1
+        opt.step()
+        if step == 2:
+            graphs = counters["stats"]["unique_graphs"]
+    assert len(compiled_calls) == 5
+    assert counters["stats"]["unique_graphs"] == graphs
