@@ -3,7 +3,10 @@ here by Inductor's C++ backend, agrees with the eager step up to rounding (compi
 multiply-adds, so the bits can differ where a value lies at a level boundary)."""
 
 import pytest
+import torch
+from torch._dynamo.utils import counters
 
+import slimtrain as st
 import slimtrain.optim.base as base
 from slimtrain.optim import kernels
 from tests.optim.helpers import assert_agree_to_rounding
@@ -41,11 +44,6 @@ def test_compiled_eco_weight_step_agrees_with_eager(compiled_calls, fmt):
 @pytest.mark.filterwarnings("error::RuntimeWarning")
 def test_steps_do_not_recompile(compiled_calls):
     """Seeds, learning rates and step counts change every step; none may trigger a new graph."""
-    import torch
-    from torch._dynamo.utils import counters
-
-    import slimtrain as st
-
     weight = st.QuantizedWeight.from_float(torch.randn(64, 96) * 0.05, st.WeightFormat("fp8_e4m3", "row"))
     param = torch.nn.Parameter(weight)
     opt = st.AdamW([param], lr=1e-2, state_bits=(32, 32), rounding="stochastic", min_quantized_numel=0)
