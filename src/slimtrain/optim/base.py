@@ -384,7 +384,7 @@ def compiled_step_chunk(*args: Any) -> None:
         with torch._dynamo.config.patch(recompile_limit=COMPILE_LIMIT, specialize_int=True,
                                          specialize_float=True), warnings.catch_warnings():
             # dynamo traces through the cache of the (pure) codebook builders, and says so
-            warnings.filterwarnings("ignore", ".*lru_cache-wrapped function", UserWarning)
+            warnings.filterwarnings("ignore", ".*lru_cache`-wrapped function", UserWarning)
             return _compiled_step_chunk(*args)
     except Exception as error:  # no C++ compiler, unsupported device, ...
         warnings.warn(f"torch.compile failed ({type(error).__name__}: {error}); slimtrain steps "
