@@ -172,10 +172,19 @@ static inline void store_codes(uint8_t *p, i8 codes, int64_t n) { /* codes in 0 
 /* 8 codes of `bits` bits fill exactly `bits` bytes, little-endian: code j at bit j * bits. One
  * group of 8 codes is one vector; `bits` is a constant wherever these are inlined. */
 
+/* n <= 8 bytes as a little-endian word, composed in registers: a memcpy of 3, 5, 6 or 7 bytes into
+ * a zeroed word goes through the stack, and reading the word back then stalls store forwarding */
+static inline __attribute__((always_inline)) uint64_t load_word(const uint8_t *src, int n) {
+    if (n == 2) { uint16_t w; memcpy(&w, src, 2); return w; }
+    if (n == 4) { uint32_t w; memcpy(&w, src, 4); return w; }
+    uint64_t word = 0;
+    for (int j = 0; j < n; ++j) word |= (uint64_t)src[j] << (8 * j);
+    return word;
+}
+
 static inline __attribute__((always_inline)) i8 unpack8(const uint8_t *src, int bits) {
     if (bits == 8) return load_codes(src, 8); /* one byte per code */
-    uint64_t word = 0;
-    memcpy(&word, src, (size_t)bits);
+    const uint64_t word = load_word(src, bits);
     if (bits <= 4) /* every code in a 32-bit word: one shift per lane */
         return (i8)((((u8v){0} + (uint32_t)word) >> (LANE * (uint32_t)bits)) & ((1u << bits) - 1));
     i8 codes;
