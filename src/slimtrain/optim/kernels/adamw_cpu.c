@@ -89,12 +89,8 @@ static inline float lanes_max(f8 v, float start) {
 }
 
 static inline f8 floor8(f8 v) {
-#if defined(__AVX__)
-    return (f8)_mm256_round_ps((__m256)v, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC); /* floorf per lane */
-#else
     for (int j = 0; j < 8; ++j) v[j] = floorf(v[j]);
     return v;
-#endif
 }
 
 /* log2 of each lane: frexp by bit manipulation (subnormals scaled by 2^24 first), then the atanh
