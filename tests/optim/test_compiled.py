@@ -56,3 +56,26 @@ def test_steps_do_not_recompile(compiled_calls):
             graphs = counters["stats"]["unique_graphs"]
     assert len(compiled_calls) == 5
     assert counters["stats"]["unique_graphs"] == graphs
+
+
+@pytest.mark.filterwarnings("error::RuntimeWarning")
+def test_weights_of_several_shapes_compile_and_agree_with_eager(compiled_calls):
+    """A model's weights come in many shapes: after the second, dynamo compiles a graph with
+    symbolic sizes (what a GPU training run relies on), which must still agree with eager."""
+    def run_model(compile: bool) -> list:
+        torch.manual_seed(0)
+        weights = [torch.nn.Parameter(st.QuantizedWeight.from_float(
+            torch.randn(shape) * 0.05, st.WeightFormat("fp8_e4m3", "row"))) for shape in shapes]
+        opt = st.AdamW(weights, lr=1e-2, state_bits=(32, 32), rounding="stochastic",
+                       compile=compile, seed=2)
+        generator = torch.Generator().manual_seed(1)
+        for _ in range(3):
+            for p in weights:
+                p.grad = torch.randn(p.shape, generator=generator) * 0.1
+            opt.step()
+        return [(p, opt.state[p]) for p in weights]
+
+    shapes = [(64, 96), (32, 160), (48, 64)]
+    for compiled, eager in zip(run_model(True), run_model(False), strict=True):
+        assert_agree_to_rounding(compiled, eager)
+    assert len(compiled_calls) == 2 * len(shapes)
