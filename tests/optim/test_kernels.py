@@ -50,6 +50,29 @@ def test_kernel_and_eager_agree_bit_for_bit(options, shape):
         assert torch.equal(fused_state[key], eager_state[key]), key
 
 
+def test_kernel_and_eager_agree_on_blocks_of_subnormal_moments():
+    """A block of gradients around 1e-38 gives m a subnormal absmax, whose reciprocal overflows
+    float32 (both paths scale such a block by 2^24 first)."""
+    results = []
+    for fused in (True, False):
+        torch.manual_seed(0)
+        param = torch.nn.Parameter(torch.randn(4, 128))
+        opt = st.AdamW([param], lr=1e-2, compile=fused, min_quantized_numel=0, state_bits=(4, 2))
+        grad = torch.randn(4, 128)
+        grad[0] *= 1e-38
+        grad[1, ::2] = 0.0
+        grad[1] *= 1e-39
+        param.grad = grad
+        opt.step()
+        results.append((param.detach().clone(), opt.state[param]))
+    (fused_param, fused_state), (eager_param, eager_state) = results
+    assert torch.equal(fused_param, eager_param)
+    for key in fused_state:
+        assert torch.equal(fused_state[key], eager_state[key]), key
+    m = st.quant.dequantize_absmax(eager_state["exp_avg_codes"], eager_state["exp_avg_scales"], 4, 512)
+    assert torch.isfinite(m).all() and (m.view(4, 128)[1, ::2] == 0).all()  # zeros stay zeros
+
+
 def test_kernel_keeps_nan_out_of_finite_steps():
     param, state = run(True, (64, 64), steps=3, state_bits=(2, 2), eps=0.0)
     assert torch.isfinite(param).all()

@@ -19,7 +19,8 @@ from slimtrain.quant.packing import pack, unpack
 from slimtrain.quant.rounding import round_stochastic, round_to_codebook, uniform_noise
 
 QUANTILE_BISECTION_STEPS = 8
-_TINY = torch.finfo(torch.float32).tiny
+_TINY = torch.finfo(torch.float32).tiny  # the smallest normal float32
+_SUBNORMAL_BOOST = 2.0**24  # lifts any subnormal float32 into the normal range, exactly
 
 
 def block_count(numel: int, block_size: int) -> int:
@@ -52,7 +53,11 @@ def quantize_absmax(
     """
     blocks = to_blocks(x, block_size)
     scales = blocks.abs().amax(dim=1)
-    normalized = blocks * (1.0 / torch.where(scales > 0, scales, 1.0))[:, None]  # one division a block
+    # one division a block; a block whose absmax is subnormal is first scaled by 2^24 (exact), so
+    # that the reciprocal stays finite (else 0 * inf = NaN for its zeros)
+    column = scales[:, None]
+    boost = torch.where(column < _TINY, _SUBNORMAL_BOOST, 1.0)
+    normalized = (blocks * boost) * (1.0 / torch.where(column > 0, column * boost, 1.0))
     levels = codebook(kind, bits, signed, blocks.device)
     codes = round_to_codebook(normalized, levels, _noise_like(blocks, seed, noise_start))
     return pack(codes, bits), scales

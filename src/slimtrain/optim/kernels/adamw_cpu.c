@@ -484,9 +484,11 @@ static void encode_codebook(const state_t *s, int64_t block, int64_t block_size,
     for (int64_t i = 0; i < block_size; i += 8)
         lane_max = max8((f8)((i8)load8(x + i) & 0x7FFFFFFF), lane_max); /* |x| */
     float absmax = lanes_max(lane_max, 0.0f);
-    float inverse = 1.0f / (absmax > 0.0f ? absmax : 1.0f);
+    /* quantize_absmax: a subnormal absmax is scaled by 2^24 first, so that 1 / absmax is finite */
+    const float boost = absmax < TINY ? 16777216.0f : 1.0f;
+    float inverse = 1.0f / (absmax > 0.0f ? absmax * boost : 1.0f);
     float *y = w->log_x;
-    for (int64_t i = 0; i < block_size; ++i) y[i] = x[i] * inverse;
+    for (int64_t i = 0; i < block_size; ++i) y[i] = (x[i] * boost) * inverse;
     if (!s->stochastic) {
         if (w->search) count_below_buckets(w->search, y, block_size, 0, w->codes);
         else count_below(s->mids, n - 1, y, block_size, 0, w->codes);
