@@ -7,6 +7,8 @@ import sys
 
 import pytest
 import torch
+from hypothesis import example, given, settings
+from hypothesis import strategies as hypothesis_st
 
 import slimtrain as st
 from slimtrain.optim import kernels
@@ -71,6 +73,59 @@ def test_kernel_and_eager_agree_on_blocks_of_subnormal_moments():
         assert torch.equal(fused_state[key], eager_state[key]), key
     m = st.quant.dequantize_absmax(eager_state["exp_avg_codes"], eager_state["exp_avg_scales"], 4, 512)
     assert torch.isfinite(m).all() and (m.view(4, 128)[1, ::2] == 0).all()  # zeros stay zeros
+
+
+gradients = hypothesis_st.lists(hypothesis_st.floats(-2.0**60, 2.0**60, width=32), min_size=1, max_size=400)
+
+
+@settings(max_examples=60, deadline=None)
+@given(grads=gradients, bits=hypothesis_st.sampled_from([(4, 2), (2, 2), (3, 8), (8, 8)]),
+       block=hypothesis_st.sampled_from([8, 32, 128]))
+@example(grads=[0.0] * 7 + [1e-39], bits=(4, 2), block=8)
+def test_kernel_and_eager_agree_on_any_gradients(grads, bits, block):
+    """Zeros, subnormals and values up to 2^60 (whose squares stay finite), any length and block
+    size: the same bits."""
+    results = []
+    for fused in (True, False):
+        param = torch.nn.Parameter(torch.linspace(-1, 1, len(grads)))
+        opt = st.AdamW([param], lr=1e-2, compile=fused, min_quantized_numel=0, state_bits=bits,
+                       block_size=block, seed=3)
+        for scale in (1.0, -0.5):
+            param.grad = torch.tensor(grads) * scale
+            opt.step()
+        results.append((param.detach().clone(), opt.state[param]))
+    (fused_param, fused_state), (eager_param, eager_state) = results
+    assert torch.equal(fused_param, eager_param)
+    for key in fused_state:
+        assert torch.equal(fused_state[key], eager_state[key]), key
+
+
+@settings(max_examples=40, deadline=None)
+@given(rows=hypothesis_st.integers(1, 6), cols=hypothesis_st.sampled_from([8, 40, 64, 96]),
+       fmt=hypothesis_st.sampled_from(["fp8_e4m3", "fp8_e5m2", "int8", "int4"]),
+       exponent=hypothesis_st.integers(-140, 40), seed=hypothesis_st.integers(0, 2**16),
+       rounding=hypothesis_st.sampled_from(["nearest", "stochastic"]))
+def test_weight_kernel_and_eager_agree_on_any_weights(rows, cols, fmt, exponent, seed, rounding):
+    """Quantized weights with a zero row, gradients from 2^-140 (subnormal) to 2^40."""
+    granularity = "group" if fmt == "int4" and cols % 32 == 0 else "row"
+    results = []
+    for fused in (True, False):
+        generator = torch.Generator().manual_seed(seed)
+        start = torch.randn(rows, cols, generator=generator) * 0.05
+        start[0] = 0.0
+        weight = st.QuantizedWeight.from_float(start, st.WeightFormat(fmt, granularity, 32))
+        param = torch.nn.Parameter(weight)
+        opt = st.AdamW([param], lr=1e-2, compile=fused, min_quantized_numel=0, state_bits=(4, 2),
+                       block_size=8, rounding=rounding, seed=seed)
+        for _ in range(2):
+            param.grad = torch.randn(rows, cols, generator=generator) * 2.0**exponent
+            opt.step()
+        results.append((param.codes.view(torch.uint8).clone(), param.scales.clone(), opt.state[param]))
+    (codes, scales, state), (eager_codes, eager_scales, eager_state) = results
+    assert torch.equal(codes, eager_codes) and torch.equal(scales, eager_scales)
+    assert torch.isfinite(scales).all()
+    for key in state:
+        assert torch.equal(state[key], eager_state[key]), key
 
 
 def test_kernel_keeps_nan_out_of_finite_steps():
