@@ -154,3 +154,14 @@ def test_block_quantile_brackets_the_true_quantile(xs, p):
     assert (x <= got).sum() >= k
     span = math.log2(positive.max()) - math.log2(positive.min())
     assert math.log2(got) <= math.log2(true) + span / 2 ** (QUANTILE_BISECTION_STEPS - 1) + 1e-6
+
+
+def test_log_quantizer_saturates_an_overflowed_value():
+    """A second moment whose square overflowed (+inf) is stored as the largest float32 instead of
+    turning its block into NaN: the other elements decode to finite values, and the top level to
+    about 2^128 (it may round to +inf again, which gives a zero update, as a float32 v of inf does)."""
+    x = torch.tensor([float("inf"), 1.0, 0.0, 3.0])
+    codes, scales = quantize_log(x, 2, block_size=4)
+    assert scales[0, 0] == torch.finfo(torch.float32).max
+    y = dequantize_log(codes, scales, 2, 4, block_size=4)
+    assert not torch.isnan(y).any() and torch.isfinite(y[1:]).all() and y[0] >= 2.0**127

@@ -20,6 +20,7 @@ from slimtrain.quant.rounding import round_stochastic, round_to_codebook, unifor
 
 QUANTILE_BISECTION_STEPS = 8
 _TINY = torch.finfo(torch.float32).tiny  # the smallest normal float32
+_LARGEST = torch.finfo(torch.float32).max
 _SUBNORMAL_BOOST = 2.0**24  # lifts any subnormal float32 into the normal range, exactly
 
 
@@ -127,7 +128,7 @@ def quantize_log(
     unbiased in the log domain). Returns (codes: uint8 packed; scales: float32 ``(blocks, 2)``
     holding (max, x_p)).
     """
-    blocks = to_blocks(x, block_size)
+    blocks = to_blocks(x, block_size).clamp(max=_LARGEST)  # an overflowed +inf (e.g. a square) saturates
     numel = x.numel()
     top = blocks.amax(dim=1)
     bottom = block_quantile(blocks, numel, quantile)

@@ -11,6 +11,7 @@
  * slimtrain.optim.functional, so that both give the same bits (build with -ffp-contract=off).
  * Compiled and loaded by slimtrain/optim/kernels/__init__.py.
  */
+#include <float.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -520,6 +521,9 @@ static inline int32_t lanes_sum(i8 v) {
 
 /* slimtrain.quant.blockwise.quantize_log of blocks first .. first + count - 1, x holding their
  * count * block_size values (zeros past numel); one block per lane for the per-block scalars */
+/* +inf (an overflowed square) as the largest float32, as quantize_log clamps; NaN stays NaN */
+static inline f8 saturate8(f8 v) { return select8(v > FLT_MAX, splat8(FLT_MAX), v); }
+
 static void encode_log_group(const state_t *s, int64_t first, int count, int64_t block_size,
                              int64_t numel, const float *x, const scratch_t *w) {
     float *log_x = w->log_x;
@@ -531,7 +535,7 @@ static void encode_log_group(const state_t *s, int64_t first, int count, int64_t
         f8 lane_top = splat8(0.0f), lane_high = splat8(-INFINITY), lane_small = splat8(INFINITY);
         i8 lane_zeros = {0};
         for (int64_t i = 0; i < block_size; i += 8) {
-            const f8 v = load8(xb + i), l = log2_8(v);
+            const f8 v = saturate8(load8(xb + i)), l = log2_8(v);
             memcpy(lb + i, &l, sizeof l);
             lane_top = max8(v, lane_top);
             lane_high = max8(l, lane_high);
@@ -570,7 +574,8 @@ static void encode_log_group(const state_t *s, int64_t first, int count, int64_t
         const f8 threshold = splat8(high[b]);
         f8 lane_snap = splat8(0.0f);
         for (int64_t i = 0; i < block_size; i += 8)
-            lane_snap = max8(select8(load8(lb + i) <= threshold, load8(xb + i), splat8(0.0f)), lane_snap);
+            lane_snap = max8(select8(load8(lb + i) <= threshold, saturate8(load8(xb + i)), splat8(0.0f)),
+                             lane_snap);
         snapped[b] = lanes_max(lane_snap, 0.0f);
     }
     const f8 bottom = select8(zeros >= rank, select8(has_positive, smallest, splat8(0.0f)), snapped);
