@@ -23,7 +23,7 @@ from slimtrain.train.compare import DEFAULT_COMPARE_RECIPES, compare
 from slimtrain.train.models import GPT_SIZES
 from slimtrain.train.plan import ARCHITECTURES, formula_check, plan_table, recipes_table
 from slimtrain.train.recipes import RECIPES
-from slimtrain.train.trainer import DEVICES, RESUMABLE_CHANGES, TrainConfig, format_summary, resume, train
+from slimtrain.train.trainer import RESUMABLE_CHANGES, TrainConfig, format_summary, resume, train
 
 # command-line option -> TrainConfig field, for options that configure a run
 RUN_OPTIONS = ("recipe", "model", "data", "tokenizer", "steps", "batch_size", "seq_len", "lr", "warmup",
@@ -107,7 +107,7 @@ def _add_run_options(parser: argparse.ArgumentParser, recipe: bool = True) -> No
                              "beta1_policy=fixed, quantile=0.05")
     parser.add_argument("--dist-timeout", type=_number(float, 0, False),
                         help=f"seconds to wait for other ranks before failing ({defaults.dist_timeout:g})")
-    parser.add_argument("--device", choices=list(DEVICES),
+    parser.add_argument("--device", choices=list(launch.DEVICES),
                         help="cpu, cuda (GPU LOCAL_RANK under torchrun) or auto: cuda where torch "
                              f"sees a GPU ({defaults.device})")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -157,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only", nargs="+", metavar="TEXT",
                    help="configurations whose name contains TEXT (the fused baseline always runs)")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
-    p.add_argument("--device", choices=list(DEVICES), default="auto",
+    p.add_argument("--device", choices=list(launch.DEVICES), default="auto",
                    help="where the parameters and states live: cpu, cuda or auto (cuda where torch "
                         "sees a GPU; default)")
     return parser

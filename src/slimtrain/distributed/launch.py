@@ -22,6 +22,9 @@ def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
+DEVICES = ("auto", "cpu", "cuda")  # what a run or a benchmark may be asked to use
+
+
 def local_device(device: str) -> torch.device:
     """The torch.device of this worker for a run on ``device``: "cpu", "cuda" (under torchrun, rank
     r of a machine uses GPU LOCAL_RANK) or "auto" (CUDA when this torch build sees a GPU)."""
@@ -36,16 +39,16 @@ def start(timeout_seconds: float, device: str = "cpu") -> tuple[int, int]:
     """Join torchrun's process group, or create a group of one. Returns (rank, world size).
 
     Training on CUDA (``device``, see :func:`local_device`) communicates through NCCL, on the CPU
-    through gloo. Collectives
-    that wait longer than ``timeout_seconds`` (a rank that died or hangs) raise instead of
-    blocking forever.
+    through gloo. Collectives that wait longer than ``timeout_seconds`` (a rank that died or
+    hangs) raise instead of blocking forever.
     """
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     timeout = datetime.timedelta(seconds=timeout_seconds)
-    backend = "nccl" if local_device(device).type == "cuda" else "gloo"
+    worker_device = local_device(device)
+    backend = "nccl" if worker_device.type == "cuda" else "gloo"
     if backend == "nccl":
-        torch.cuda.set_device(local_device(device))
+        torch.cuda.set_device(worker_device)
     if launched_by_torchrun():
         dist.init_process_group(backend, timeout=timeout)
     else:

@@ -69,15 +69,14 @@ def layout(fmt: StateFormat, name: str, shape: torch.Size) -> dict[str, tuple[tu
 
 # elements per chunk of a step: on a CPU, chunks whose temporaries stay in cache; on a GPU, few
 # large chunks (each chunk is a sequence of kernel launches)
-CHUNK_TARGETS = {"cpu": 2**20}
-GPU_CHUNK_TARGET = 2**24
+CPU_CHUNK_TARGET, GPU_CHUNK_TARGET = 2**20, 2**24
 
 
 def chunk_numel(block_size: int, device: torch.device | str = "cpu") -> int:
     """Elements per processing chunk on ``device``: a multiple of ``block_size`` (itself a
     multiple of 8) near the device's target, so that chunks cut whole blocks and whole bytes of
     packed codes."""
-    target = CHUNK_TARGETS.get(torch.device(device).type, GPU_CHUNK_TARGET)
+    target = CPU_CHUNK_TARGET if torch.device(device).type == "cpu" else GPU_CHUNK_TARGET
     return max(1, target // block_size) * block_size
 
 

@@ -46,7 +46,6 @@ CHECKPOINT = "checkpoint.pt"
 CUSTOM_MODEL = "custom"
 # settings that may differ when resuming (they do not change the trajectory before the checkpoint)
 RESUMABLE_CHANGES = ("steps", "out", "eval_every", "checkpoint_every", "compile", "dist_timeout", "device")
-DEVICES = ("auto", "cpu", "cuda")
 
 
 class CheckpointError(ValueError):
@@ -107,8 +106,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if self.omega is not None and not 0 <= self.omega <= 1:
             raise ValueError(f"omega must be in [0, 1], got {self.omega!r}")
-        if self.device not in DEVICES:
-            raise ValueError(f"unknown device {self.device!r}; accepted: {', '.join(DEVICES)}")
+        if self.device not in launch.DEVICES:
+            raise ValueError(f"unknown device {self.device!r}; accepted: {', '.join(launch.DEVICES)}")
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("device 'cuda': this torch build sees no CUDA device; accepted here: cpu")
         if not self.dist_timeout > 0:

@@ -330,12 +330,16 @@ static void count_below_buckets(const search_t *s, const float *x, int64_t count
 }
 
 /* ---------------------------------------------------------------------- decode / encode */
-/* table[codes] for 8 codes of a table of `size` entries (held in registers up to 16) */
+/* Decoding looks levels up in per-block tables of at most TABLE_LEVELS entries, held in two
+ * registers; states with more levels are decoded element by element (decode_group_elements). */
+#define TABLE_LEVELS 16
+
+/* table[codes] for 8 codes of a table of `size` <= TABLE_LEVELS entries */
 typedef struct { f8 low, high; const float *table; int size; } table_t;
 
 static table_t table_of(const float *table, int size) {
     table_t t = {splat8(0.0f), splat8(0.0f), table, size};
-    for (int k = 0; k < size && k < 16; ++k) {
+    for (int k = 0; k < size; ++k) {
         if (k < 8) t.low[k] = table[k]; else t.high[k - 8] = table[k];
     }
     return t;
@@ -344,15 +348,14 @@ static table_t table_of(const float *table, int size) {
 static inline __attribute__((always_inline)) f8 lookup8(const table_t *t, i8 codes) {
 #if defined(__AVX2__)
     if (t->size <= 8) return (f8)_mm256_permutevar8x32_ps((__m256)t->low, (__m256i)codes);
-    if (t->size <= 16) {
-        const __m256 from_low = _mm256_permutevar8x32_ps((__m256)t->low, (__m256i)codes);
-        const __m256 from_high = _mm256_permutevar8x32_ps((__m256)t->high, (__m256i)codes);
-        return (f8)_mm256_blendv_ps(from_low, from_high, (__m256)(codes << 28)); /* bit 3 -> sign */
-    }
-#endif
+    const __m256 from_low = _mm256_permutevar8x32_ps((__m256)t->low, (__m256i)codes);
+    const __m256 from_high = _mm256_permutevar8x32_ps((__m256)t->high, (__m256i)codes);
+    return (f8)_mm256_blendv_ps(from_low, from_high, (__m256)(codes << 28)); /* bit 3 -> sign */
+#else
     f8 out;
     for (int j = 0; j < 8; ++j) out[j] = t->table[codes[j]];
     return out;
+#endif
 }
 
 /* out[i] = table[code i] for the count (a multiple of 8) codes packed at src */
@@ -382,7 +385,7 @@ static inline int64_t valid_in(int64_t numel, int64_t block, int64_t block_size)
 }
 
 /* geometric levels of `count` blocks from their (max, x_p) scales: tables[b][k], k = 0 .. last */
-static void log_tables(const float *scales, int count, int last, float tables[GROUP][256]) {
+static void log_tables(const float *scales, int count, int last, float tables[GROUP][TABLE_LEVELS]) {
     f8 top = splat8(0.0f), bottom = splat8(0.0f);
     for (int b = 0; b < count; ++b) {
         top[b] = scales[2 * b];
@@ -416,7 +419,7 @@ static inline __attribute__((always_inline)) void decode_block_elements(
     }
 }
 
-/* decode_group for quantized states of more than 16 levels (tables would not fit in registers) */
+/* decode_group for quantized states of more than TABLE_LEVELS levels */
 static void decode_group_elements(const state_t *s, int64_t first, int count, int64_t block_size,
                                   float *out) {
     const int bits = s->bits, log_map = s->kind == KIND_LOG;
@@ -461,11 +464,11 @@ static void decode_group(const state_t *s, int64_t first, int count, int64_t blo
         return;
     }
     const int last = (1 << s->bits) - 1;
-    if (last >= 16) { /* more levels than fit in registers: decode each element, no tables */
+    if (last >= TABLE_LEVELS) { /* more levels than fit in registers: decode each element */
         decode_group_elements(s, first, count, block_size, out);
         return;
     }
-    float tables[GROUP][256];
+    float tables[GROUP][TABLE_LEVELS];
     if (s->kind == KIND_LOG) log_tables(s->scales + 2 * first, count, last, tables);
     for (int b = 0; b < count; ++b) {
         if (s->kind == KIND_CODEBOOK) {
