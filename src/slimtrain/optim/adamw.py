@@ -38,6 +38,18 @@ def adamw_eco_injection(states: dict, error: torch.Tensor, scalars: dict) -> Non
     states["exp_avg"].add_(scalars["eco_scale"] * denom * error)
 
 
+def torch_fused_step(param: torch.Tensor, state: dict, scalars: dict[str, Any], maximize: bool) -> bool:
+    """The step of a plain float32 ``param`` with float32 states through torch's fused AdamW
+    kernel (``state["step"]`` already advanced); False where this torch has none."""
+    fused = getattr(torch, "_fused_adamw_", None)
+    if fused is None or type(param) not in (torch.Tensor, torch.nn.Parameter) or not param.is_contiguous():
+        return False
+    fused([param], [param.grad], [state["exp_avg"]], [state["exp_avg_sq"]], [], [state["step"]],
+          lr=scalars["lr"], beta1=scalars["beta1"], beta2=scalars["beta2"],
+          weight_decay=scalars["weight_decay"], eps=scalars["eps"], amsgrad=False, maximize=maximize)
+    return True
+
+
 class AdamW(LowBitOptimizer):
     """AdamW (decoupled weight decay) whose moments m and v can be stored in a few bits.
 
@@ -45,7 +57,9 @@ class AdamW(LowBitOptimizer):
         params: parameters or param groups, as for any ``torch.optim.Optimizer``.
         lr, betas, eps, weight_decay, maximize: as in ``torch.optim.AdamW``.
         state_bits: bits of (m, v), each 32, 16, 8, 4, 3 or 2 (one int sets both). 32 keeps
-            float32 states and matches ``torch.optim.AdamW`` exactly; 16 keeps bfloat16.
+            float32 states and matches ``torch.optim.AdamW`` bit for bit: ``fused=True``'s bits
+            with ``compile=True`` on the CPU (torch's fused kernel runs the step), the default
+            single-tensor path's otherwise. 16 keeps bfloat16.
         state_maps: level maps of (m, v) below 16 bits. m: "dynamic" (dynamic exponent) or
             "linear"; v: "log" (SOLO's logarithmic levels), "dynamic" or "linear".
         state_rounding: rounding of (m, v) when encoded: "nearest" or "stochastic".
@@ -58,9 +72,10 @@ class AdamW(LowBitOptimizer):
             drop the error) or "eco" (round and feed the error back into m; no master copy).
         rounding: "nearest" or "stochastic" rounding of those parameters.
         eco_decay_correction: multiply ECO's injection by (1 - lr * weight_decay).
-        compile: run steps fused: on the CPU, float32 parameters with quantized states and FP8
-            weights with row scales ("eco" or "naive" updates) go through a hand-written C kernel
-            (one pass over each tensor, built once per machine, the same bits as the eager step);
+        compile: run steps fused: on the CPU, float32 parameters with float32 states go through
+            torch's fused AdamW kernel; float32 parameters with quantized states and FP8/INT8/INT4
+            weights with row or group scales ("eco" or "naive" updates) through a hand-written C
+            kernel (one pass over each tensor, built once per machine, the same bits as the eager step);
             on other devices float32 parameters with quantized states go through
             ``torch.compile`` (one pass per chunk of 2^20 elements, compiled once per state format
             and shape family). Everything else, and ``compile=False``, runs as eager torch code.
@@ -126,15 +141,18 @@ class AdamW(LowBitOptimizer):
         scalars: dict[str, Any], seeds: dict[str, int | None], options: tuple[bool, str | None],
         weight_seed: int | None,
     ) -> bool:
-        """The step of a CPU parameter in the C kernel (same bits as the eager step): a float32
-        tensor, or a QuantizedWeight (float8, int8 or int4; row or group scales) updated without a
-        master copy."""
+        """The step of a CPU parameter in a kernel: torch's fused AdamW for float32 states of a
+        float32 tensor (the bits of ``torch.optim.AdamW(fused=True)``); else the C kernel (the
+        bits of the eager step) for a float32 tensor with quantized states or a QuantizedWeight
+        (float8, int8 or int4; row or group scales) updated without a master copy."""
         maximize, weight_update = options
         grad = param.grad
         if (param.device.type != "cpu" or grad.dtype != torch.float32
                 or set(formats) != {"exp_avg", "exp_avg_sq"}
                 or not all(kernels.supported(f) for f in formats.values())):
             return False
+        if not any(f.quantized for f in formats.values()):
+            return weight_update is None and torch_fused_step(param, state, scalars, maximize)
         block_size = formats["exp_avg"].block_size
         quantized = isinstance(param, QuantizedWeight) and kernels.weight_supported(
             param.format, param.shape, block_size, weight_update)
@@ -176,6 +194,7 @@ class AdamW(LowBitOptimizer):
             eco_scale = (1 - beta1**step) / lr * (1 - 1 / beta1)
             eco_scale *= decay if group["eco_decay_correction"] else 1.0
         return dict(
+            lr=lr, weight_decay=group["weight_decay"],
             decay=decay, beta1=beta1, beta2=beta2, eps=group["eps"], step_size=step_size,
             bias_correction2_sqrt=bias_correction2_sqrt, eco_scale=eco_scale,
             # what the C kernel reproduces; float32 weights with 32-bit states: torch.optim's update

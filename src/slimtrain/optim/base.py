@@ -200,7 +200,7 @@ class LowBitOptimizer(torch.optim.Optimizer):
         options = (group["maximize"], group["weight_update"] if low_precision else None)
         quantized_states = any(f.quantized for f in formats.values())
         fused = group["compile"] and (quantized_states or low_precision)
-        if fused and self._fused_step(param, formats, state, scalars, seeds, options, weight_seed):
+        if group["compile"] and self._fused_step(param, formats, state, scalars, seeds, options, weight_seed):
             return
         # no kernel covers it: torch.compile (for low-precision weights not on a CPU, see
         # EAGER_WEIGHT_DEVICES), else eager; the first step (states start at zero) always runs
