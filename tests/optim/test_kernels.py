@@ -208,13 +208,26 @@ def test_integer_weight_kernel_and_eager_agree_bit_for_bit(options, shape):
         assert torch.equal(fused_state[key], eager_state[key]), key
 
 
-@pytest.mark.parametrize("options", [dict(), dict(fmt="int4", granularity="group")], ids=str)
+@pytest.mark.parametrize("options", [dict(), dict(fmt="int4", granularity="group"),
+                                     dict(state_bits=(32, 32))], ids=str)
 def test_weight_kernel_is_the_path_taken(monkeypatch, options):
-    """The fused step must not fall back to eager code for the slim and int4-eco recipes' weights."""
+    """The fused step must not fall back to eager code for the slim and int4-eco recipes' weights,
+    nor for quantized weights with float32 states."""
     calls, original = [], kernels.weight_args
     monkeypatch.setattr(kernels, "weight_args", lambda *a: calls.append(a) or original(*a))
-    run_weight(True, (77, 192), steps=2, state_bits=(4, 2), rounding="stochastic", **options)
+    run_weight(True, (77, 192), steps=2, **{"state_bits": (4, 2), "rounding": "stochastic", **options})
     assert len(calls) == 2
+
+
+def test_float32_states_take_torchs_fused_kernel(monkeypatch):
+    calls, original = [], torch._fused_adamw_
+    monkeypatch.setattr(torch, "_fused_adamw_", lambda *a, **k: calls.append(1) or original(*a, **k))
+    param = torch.nn.Parameter(torch.randn(64, 80))
+    optimizer = st.AdamW([param], lr=1e-2)
+    for _ in range(3):
+        param.grad = torch.randn_like(param)
+        optimizer.step()
+    assert len(calls) == 3
 
 
 DIGEST_SCRIPT = """

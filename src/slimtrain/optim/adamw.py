@@ -151,8 +151,8 @@ class AdamW(LowBitOptimizer):
                 or set(formats) != {"exp_avg", "exp_avg_sq"}
                 or not all(kernels.supported(f) for f in formats.values())):
             return False
-        if not any(f.quantized for f in formats.values()):
-            return weight_update is None and torch_fused_step(param, state, scalars, maximize)
+        if weight_update is None and not any(f.quantized for f in formats.values()):
+            return torch_fused_step(param, state, scalars, maximize)
         block_size = formats["exp_avg"].block_size
         quantized = isinstance(param, QuantizedWeight) and kernels.weight_supported(
             param.format, param.shape, block_size, weight_update)
