@@ -12,6 +12,7 @@ from hypothesis import strategies as hypothesis_st
 
 import slimtrain as st
 from slimtrain.optim import kernels
+from slimtrain.quant.formats import _FLOAT8, _float8_stochastic, format_max
 
 
 def run(fused: bool, shape, steps: int = 4, device: str = "cpu", **options):
@@ -268,3 +269,38 @@ def test_every_instruction_set_gives_the_same_bits(tmp_path):
     eager = digest("eager", "native")
     assert digest("fused", "x86-64") == eager
     assert digest("fused", "native") == eager
+
+
+@pytest.mark.parametrize("fmt", ["fp8_e4m3", "fp8_e5m2"])
+def test_float8_stochastic_rounding_at_exact_ties(fmt):
+    """The kernel's integer float8 rounding against the eager float one at the points where they
+    could part: values exactly at and beside the midpoint of two codes, and noise exactly at and
+    beside each threshold, for every pair of neighbouring normal codes (and subnormal ones, which
+    take the float path, alone and mixed into vectors with normal values)."""
+    library = kernels.cpu_kernels()
+    if library is None:
+        pytest.skip("no C compiler")
+    mantissa_bits, bias = kernels.FLOAT8_LAYOUTS[fmt]
+    dtype = _FLOAT8[fmt]
+    shift = 23 - mantissa_bits
+    limit = format_max(fmt)
+    magnitudes = torch.arange(1, 0x80, dtype=torch.int32).to(torch.uint8).view(dtype).float()
+    lower = magnitudes[(magnitudes > 0) & (magnitudes < limit)]
+    ys, noises = [], []
+    half = 1 << (shift - 1)
+    for discarded in (0, 1, half - 1, half, half + 1, 2 * half - 1):
+        y = (lower.view(torch.int32) + discarded).view(torch.float32)
+        for threshold in (discarded << (24 - shift), ((1 << shift) - discarded) << (24 - shift)):
+            for k in (threshold - 1, threshold, threshold + 1, 0, (1 << 24) - 1):
+                k = min(max(k, 0), (1 << 24) - 1)
+                for sign in (1.0, -1.0):
+                    ys.append(sign * y)
+                    noises.append(torch.full_like(y, k / 2**24))
+    y, noise = torch.cat(ys), torch.cat(noises)
+    shuffled = torch.randperm(y.numel(), generator=torch.Generator().manual_seed(0))
+    y, noise = torch.cat([y, y[shuffled]]), torch.cat([noise, noise[shuffled]])
+    expected = _float8_stochastic(y, dtype, noise).view(torch.uint8)
+    got = torch.empty(y.numel(), dtype=torch.uint8)
+    library.float8_stochastic_codes(y.numel(), y.data_ptr(), noise.data_ptr(), mantissa_bits, bias,
+                                    limit, got.data_ptr())
+    assert torch.equal(got, expected)

@@ -136,6 +136,11 @@ def _declare(library: ctypes.CDLL) -> None:
         ctypes.c_void_p, ctypes.POINTER(StateArgs), ctypes.POINTER(StateArgs),
         ctypes.POINTER(AdamWScalars),
     ]
+    library.float8_stochastic_codes.restype = None
+    library.float8_stochastic_codes.argtypes = [
+        ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32,
+        ctypes.c_float, ctypes.c_void_p,
+    ]
     library.adamw_step_weight_rows.restype = ctypes.c_int
     library.adamw_step_weight_rows.argtypes = [
         ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,

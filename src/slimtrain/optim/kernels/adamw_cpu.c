@@ -694,8 +694,9 @@ static inline i8 float8_nearest8(f8 y, weight_layout_t l) {
     return sign | (i8)select8(a < l.smallest_normal, (f8)subnormal, (f8)normal);
 }
 
-/* slimtrain.quant.formats._float8_stochastic for 8 values |y| <= max and their noise in [0, 1) */
-static inline i8 float8_stochastic8(f8 y, f8 noise, weight_layout_t l) {
+/* slimtrain.quant.formats._float8_stochastic for 8 values |y| <= max and their noise in [0, 1),
+ * in float arithmetic as the eager code (float8 subnormals included) */
+static inline i8 float8_stochastic_general8(f8 y, f8 noise, weight_layout_t l) {
     const i8 nearest = float8_nearest8(y, l);
     const f8 near = float8_decode8(nearest, l);
     const i8 magnitude = nearest & 0x7F, sign = nearest & 0x80;
@@ -715,6 +716,47 @@ static inline i8 float8_stochastic8(f8 y, f8 noise, weight_layout_t l) {
     const f8 distance = (f8)((i8)(y - near) & 0x7FFFFFFF);
     const f8 p_other = select8(gap > 0.0f, distance * (f8)(0x7F000000 - (i8)gap), splat8(0.0f));
     return (i8)select8(noise < p_other, (f8)other_code, (f8)nearest);
+}
+
+static inline int any8(i8 mask) {
+#if defined(__AVX__)
+    return _mm256_movemask_ps((__m256)mask) != 0;
+#else
+    int any = 0;
+    for (int j = 0; j < 8; ++j) any |= mask[j];
+    return any != 0;
+#endif
+}
+
+/* float8_stochastic_general8 in integers, the same bits, where every |y| is a normal float8 (else
+ * the general path). Between the codes below and above |y| (`lower`, a truncation of its bits,
+ * and lower + 1) y sits at discarded / 2^shift of the gap, exactly; the noise is k / 2^24, k an
+ * integer. The general path rounds from the nearest code to the other one when noise < the
+ * distance to the nearest over the gap: with nearest = lower that is k < discarded * 2^(24 -
+ * shift), with nearest = lower + 1 it is k < (2^shift - discarded) * 2^(24 - shift). */
+static inline i8 float8_stochastic8(f8 y, f8 noise, weight_layout_t l) {
+    const f8 a = (f8)((i8)y & 0x7FFFFFFF);
+    if (any8(a < l.smallest_normal)) return float8_stochastic_general8(y, noise, l);
+    const int shift = 23 - l.mantissa_bits;
+    const i8 bits = (i8)a, sign = ((i8)y >> 24) & 0x80;
+    const i8 discarded = bits & ((1 << shift) - 1);
+    const i8 lower = (bits >> shift) - ((127 - l.exponent_bias) << l.mantissa_bits);
+    const i8 half = (i8){0} + (1 << (shift - 1));
+    const i8 nearest_up = (discarded > half) | ((discarded == half) & ((lower & 1) == 1));
+    const i8 k = __builtin_convertvector(noise * 16777216.0f, i8);
+    const i8 distance = (nearest_up & ((1 << shift) - discarded)) | (~nearest_up & discarded);
+    const i8 to_other = k < (distance << (24 - shift));
+    const i8 up = nearest_up ^ to_other; /* -1 where the code above is taken */
+    return sign | (lower - up);
+}
+
+/* codes of `count` float32 values |y| <= max rounded stochastically to float8 as the weight step
+ * rounds them, with noise in [0, 1) (multiples of 2^-24): lets tests reach exact ties */
+void float8_stochastic_codes(int64_t count, const float *y, const float *noise, int32_t mantissa_bits,
+                             int32_t exponent_bias, float max, uint8_t *codes) {
+    const weight_t f = {.mantissa_bits = mantissa_bits, .exponent_bias = exponent_bias, .max = max};
+    const weight_layout_t l = layout_of(&f);
+    FOR_PARTS(count, store_codes(codes + i, float8_stochastic8(load_part(y + i, n), load_part(noise + i, n), l) & 0xFF, n);)
 }
 
 /* n <= 8 codes of a weight from element `at` of `codes`, as their unscaled values (int4: n == 8,
