@@ -10,6 +10,7 @@ same stochastic-rounding noise everywhere.
 import pytest
 import torch
 
+import slimtrain as st
 from tests.optim.helpers import assert_agree_to_rounding
 from tests.optim.test_kernels import run, run_weight
 
@@ -44,3 +45,17 @@ def test_float8_eco_step_on_cuda_agrees_with_eager_and_cpu():
     assert compiled[0].codes.is_cuda
     assert_agree_to_rounding(compiled, run_weight(False, (77, 192), device="cuda", **options))
     assert_agree_to_rounding(compiled, run_weight(True, (77, 192), **options), share=0.05)
+
+
+def test_float32_states_on_cuda_are_torchs_fused_adamw_bit_for_bit():
+    torch.manual_seed(0)
+    start = torch.randn(300, 70, device="cuda")
+    ours, ref = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
+    opt_ours = st.AdamW([ours], lr=1e-2, weight_decay=0.1)
+    opt_ref = torch.optim.AdamW([ref], lr=1e-2, weight_decay=0.1, fused=True)
+    for _ in range(5):
+        grad = torch.randn_like(start)
+        ours.grad, ref.grad = grad.clone(), grad.clone()
+        opt_ours.step()
+        opt_ref.step()
+    assert torch.equal(ours, ref) and not opt_ours.state[ours]["step"].is_cuda

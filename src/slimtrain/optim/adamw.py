@@ -15,6 +15,7 @@ from slimtrain.quant import ROUNDING_MODES
 from slimtrain.weights.tensor import QuantizedWeight, is_low_precision
 
 BETA1_POLICIES = ("scaled", "fixed")
+FUSED_DEVICES = ("cpu", "cuda")  # where torch's fused AdamW runs float32 states
 
 
 
@@ -40,11 +41,13 @@ def adamw_eco_injection(states: dict, error: torch.Tensor, scalars: dict) -> Non
 
 def torch_fused_step(param: torch.Tensor, state: dict, scalars: dict[str, Any], maximize: bool) -> bool:
     """The step of a plain float32 ``param`` with float32 states through torch's fused AdamW
-    kernel (``state["step"]`` already advanced); False where this torch has none."""
+    kernel (CPU or GPU; ``state["step"]`` already advanced); False where this torch has none."""
     fused = getattr(torch, "_fused_adamw_", None)
-    if fused is None or type(param) not in (torch.Tensor, torch.nn.Parameter) or not param.is_contiguous():
+    if (fused is None or param.device.type not in FUSED_DEVICES
+            or type(param) not in (torch.Tensor, torch.nn.Parameter) or not param.is_contiguous()):
         return False
-    fused([param], [param.grad], [state["exp_avg"]], [state["exp_avg_sq"]], [], [state["step"]],
+    step = state["step"].to(param.device)  # a copy on a GPU, where torch's kernel reads it
+    fused([param], [param.grad], [state["exp_avg"]], [state["exp_avg_sq"]], [], [step],
           lr=scalars["lr"], beta1=scalars["beta1"], beta2=scalars["beta2"],
           weight_decay=scalars["weight_decay"], eps=scalars["eps"], amsgrad=False, maximize=maximize)
     return True
@@ -58,8 +61,8 @@ class AdamW(LowBitOptimizer):
         lr, betas, eps, weight_decay, maximize: as in ``torch.optim.AdamW``.
         state_bits: bits of (m, v), each 32, 16, 8, 4, 3 or 2 (one int sets both). 32 keeps
             float32 states and matches ``torch.optim.AdamW`` bit for bit: ``fused=True``'s bits
-            with ``compile=True`` on the CPU (torch's fused kernel runs the step), the default
-            single-tensor path's otherwise. 16 keeps bfloat16.
+            with ``compile=True`` (torch's fused kernel runs the step), the default single-tensor
+            path's with ``compile=False``. 16 keeps bfloat16.
         state_maps: level maps of (m, v) below 16 bits. m: "dynamic" (dynamic exponent) or
             "linear"; v: "log" (SOLO's logarithmic levels), "dynamic" or "linear".
         state_rounding: rounding of (m, v) when encoded: "nearest" or "stochastic".
@@ -72,8 +75,8 @@ class AdamW(LowBitOptimizer):
             drop the error) or "eco" (round and feed the error back into m; no master copy).
         rounding: "nearest" or "stochastic" rounding of those parameters.
         eco_decay_correction: multiply ECO's injection by (1 - lr * weight_decay).
-        compile: run steps fused: on the CPU, float32 parameters with float32 states go through
-            torch's fused AdamW kernel; float32 parameters with quantized states and FP8/INT8/INT4
+        compile: run steps fused: float32 parameters with float32 states go through torch's
+            fused AdamW kernel; on the CPU, float32 parameters with quantized states and FP8/INT8/INT4
             weights with row or group scales ("eco" or "naive" updates) through a hand-written C
             kernel (one pass over each tensor, built once per machine, the same bits as the eager step);
             on other devices float32 parameters with quantized states go through
@@ -141,18 +144,19 @@ class AdamW(LowBitOptimizer):
         scalars: dict[str, Any], seeds: dict[str, int | None], options: tuple[bool, str | None],
         weight_seed: int | None,
     ) -> bool:
-        """The step of a CPU parameter in a kernel: torch's fused AdamW for float32 states of a
-        float32 tensor (the bits of ``torch.optim.AdamW(fused=True)``); else the C kernel (the
-        bits of the eager step) for a float32 tensor with quantized states or a QuantizedWeight
-        (float8, int8 or int4; row or group scales) updated without a master copy."""
+        """The step of a parameter in a kernel: torch's fused AdamW for float32 states of a
+        float32 tensor (the bits of ``torch.optim.AdamW(fused=True)``); on the CPU, the C kernel
+        (the bits of the eager step) for a float32 tensor with quantized states or a
+        QuantizedWeight (float8, int8 or int4; row or group scales) updated without a master copy."""
         maximize, weight_update = options
         grad = param.grad
-        if (param.device.type != "cpu" or grad.dtype != torch.float32
-                or set(formats) != {"exp_avg", "exp_avg_sq"}
+        if (grad.dtype != torch.float32 or set(formats) != {"exp_avg", "exp_avg_sq"}
                 or not all(kernels.supported(f) for f in formats.values())):
             return False
         if weight_update is None and not any(f.quantized for f in formats.values()):
             return torch_fused_step(param, state, scalars, maximize)
+        if param.device.type != "cpu":
+            return False
         block_size = formats["exp_avg"].block_size
         quantized = isinstance(param, QuantizedWeight) and kernels.weight_supported(
             param.format, param.shape, block_size, weight_update)
