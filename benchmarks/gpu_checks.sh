@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # The GPU checks of one session on a CUDA machine, in the order they matter, each with its own
 # time limit so that one slow or failing part leaves the others' results:
-#   1. `slimtrain bench --device cuda` (issue 6's ratios against torch's fused AdamW on CUDA),
+#   1. `slimtrain bench --device cuda` (issue 6's ratios against torch's fused AdamW on CUDA), and
+#      against solow when ./.whl/solo holds its wheel and torchao 0.10.0's,
 #   2. the tests that need CUDA (tests/optim/test_cuda.py: Triton and eager CUDA steps, CUDA and CPU
 #      steps agree to rounding),
 #   3. `slimtrain train --device cuda` tokens/s of adamw and slim on the medium GPT,
 #   4. LoRDO and DDP runs under torchrun on NCCL (one rank: one GPU).
-# At most about 9.5 minutes (the parts' time limits). Usage: bash benchmarks/gpu_checks.sh OUT_DIR
+# At most about 11 minutes (the parts' time limits). Usage: bash benchmarks/gpu_checks.sh OUT_DIR
 # (the python3 that holds a CUDA torch; peers installed from ./.whl when that folder holds wheels;
 # the corpus from $SLIMTRAIN_CACHE, which a machine without internet needs carried in).
 set -u
@@ -25,6 +26,14 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 echo "== 1. bench"
 timeout 210 python3 -m slimtrain bench --device cuda --sizes 16M 64M --steps 20 --warmup 3 \
     --json "$out/bench_cuda.json" 2>&1 | grep -v Warning | tee "$out/bench_cuda.txt"
+echo "== 1b. solow (the SOLO authors' package: CUDA only, and it needs torchao 0.10's prototype module)"
+if compgen -G "$root/.whl/solo/*.whl" > /dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/solo "$root"/.whl/solo/*.whl
+    PYTHONPATH="/tmp/solo:$PYTHONPATH" timeout 90 python3 -m slimtrain bench --device cuda --sizes 16M \
+        --steps 20 --warmup 3 --only "solow" "st.AdamW (4, 2)" --json "$out/bench_cuda_solow.json" 2>&1 \
+        | grep -v Warning | tee "$out/bench_cuda_solow.txt"
+fi
 echo "== 2. tests"
 timeout 90 python3 -m pytest -p no:cacheprovider -rfs --tb=short tests/optim/test_cuda.py \
     > "$out/test_cuda.txt" 2>&1
