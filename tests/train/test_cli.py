@@ -277,6 +277,25 @@ def test_bench_prints_ratios_and_writes_json(tmp_path, capsys):
     assert report["device"] == "cpu" and report["failed_peers"] == {}
 
 
+def test_bench_ratio_is_the_median_of_steps_paired_with_fused_ones(monkeypatch):
+    """Each timed step of a configuration is divided by a fused AdamW step timed just before it
+    (a clock that gives fused steps 2 s and others 6 s, except one 30 s outlier)."""
+    others = iter([6.0, 6.0, 30.0] + [6.0] * 100)  # the first configuration: first step, then 3 timed
+
+    def seconds(action, device):
+        action()
+        owner = getattr(action, "__self__", None)
+        return 2.0 if isinstance(owner, torch.optim.AdamW) and owner.defaults["fused"] else next(others)
+
+    monkeypatch.setattr(bench, "_seconds", seconds)
+    report = bench.run_bench([4096], steps=3, warmup=1, only=["st.AdamW (4, 2)"])
+    rows = {row["name"]: row for row in report["results"]}
+    assert rows["torch AdamW fused"]["ratio_to_fused"] == 1.0
+    assert rows["torch AdamW fused"]["step_ms"] == 2000.0
+    for name in ("st.AdamW (4, 2)", "st.AdamW (4, 2) eager"):
+        assert rows[name]["ratio_to_fused"] == 3.0 and rows[name]["step_ms"] == 6000.0
+
+
 def test_a_failing_peer_is_reported_and_left_out(monkeypatch, capsys):
     """A peer library that cannot run here must not end the benchmark (slimtrain's own rows must)."""
     def broken(params):

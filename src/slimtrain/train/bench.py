@@ -3,7 +3,9 @@
 Every configuration updates one (n/1024, 1024) parameter (float32, or FP8 E4M3 with row scales
 for the "FP8 + ECO" configurations) with a fixed random gradient. After warm-up steps (the first
 includes any compilation, reported apart) the median of timed steps is reported with its ratio
-to ``torch.optim.AdamW(fused=True)`` measured in the same run. State bytes come from the storage
+to ``torch.optim.AdamW(fused=True)`` in the same run: each timed step follows a fused AdamW step
+timed just before it, and the ratio is the median of these pairs' ratios, so that the slow drifts
+of a shared machine cancel instead of landing between two configurations. State bytes come from the storage
 of the optimizer's real tensors. Bytes moved per parameter is the traffic a step cannot avoid:
 read and write the parameter's storage and each state, read the float32 gradient (28 B for
 float32 AdamW, about 8 for FP8 weights with 4/2-bit states). Achieved bandwidth is that traffic
@@ -75,7 +77,7 @@ def peers() -> dict[str, Callable]:
 def configurations() -> dict[str, Callable]:
     """Name -> optimizer factory: torch's AdamW, slimtrain's configurations, installed peers."""
     configs: dict[str, Callable] = {
-        "torch AdamW fused": lambda p: torch.optim.AdamW(p, lr=1e-3, fused=True),
+        BASELINE: lambda p: torch.optim.AdamW(p, lr=1e-3, fused=True),
         "torch AdamW foreach": lambda p: torch.optim.AdamW(p, lr=1e-3, foreach=True),
     }
     for bits in [(32, 32), (8, 8), (4, 2), (3, 2), (2, 2)]:
@@ -89,6 +91,7 @@ def configurations() -> dict[str, Callable]:
     return configs | peers()
 
 
+BASELINE = "torch AdamW fused"  # measured first; each timed step of the others is paired with one of its
 FLOAT8_PREFIX = "st.AdamW FP8 + ECO (SR) "  # configurations whose parameter is an FP8 QuantizedWeight
 
 
@@ -110,9 +113,12 @@ def _seconds(action: Callable[[], object], device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def measure(name: str, make: Callable, numel: int, warmup: int, steps: int,
-            device: torch.device) -> dict:
-    """Step time, first-step time and traffic of one configuration (see the module docstring)."""
+def measure(name: str, make: Callable, numel: int, warmup: int, steps: int, device: torch.device,
+            baseline: Callable[[], object] | None = None) -> tuple[dict, Callable[[], object]]:
+    """Step time, first-step time and traffic of one configuration (see the module docstring),
+    and its optimizer's step. With a ``baseline`` step (fused AdamW's), each timed step is paired
+    with one of the baseline timed just before it: the ratio reported is the median of the pairs'
+    ratios, so that the machine's drift between configurations cancels (1.0 without one)."""
     torch.manual_seed(0)
     weight = torch.randn(numel // 1024, 1024, device=device)
     if name.startswith(FLOAT8_PREFIX):
@@ -123,26 +129,32 @@ def measure(name: str, make: Callable, numel: int, warmup: int, steps: int,
     first = _seconds(optimizer.step, device)
     for _ in range(warmup - 1):
         optimizer.step()
-    step = statistics.median(_seconds(optimizer.step, device) for _ in range(steps))
+    times, ratios = [], []
+    for _ in range(steps):
+        reference = _seconds(baseline, device) if baseline else None
+        times.append(_seconds(optimizer.step, device))
+        ratios.append(times[-1] / reference if reference else 1.0)
+    step = statistics.median(times)
     report = st.memory_report([param], optimizer)
     state = report.per_parameter("optimizer_state")
     stored = report.per_parameter("parameters")
     moved = 2 * stored + param.grad.element_size() + 2 * state  # param and states read + written
-    return dict(name=name, numel=param.numel(), step_ms=step * 1e3, first_step_ms=first * 1e3,
-                state_bytes_per_param=state, bytes_moved_per_param=moved,
-                bandwidth_gbs=moved * param.numel() / step / 1e9)
+    row = dict(name=name, numel=param.numel(), step_ms=step * 1e3, ratio_to_fused=statistics.median(ratios),
+               first_step_ms=first * 1e3, state_bytes_per_param=state, bytes_moved_per_param=moved,
+               bandwidth_gbs=moved * param.numel() / step / 1e9)
+    return row, optimizer.step
 
 
 def run_bench(sizes: list[int], steps: int = 5, warmup: int = 3, only: list[str] | None = None,
               progress: Callable[[BenchResult], None] | None = None, device: str = "cpu") -> dict:
     """Measure every configuration (those whose name contains one of ``only``, plus the fused
-    baseline) at each size in ``sizes`` (elements, rounded down to a multiple of 1024) on
-    ``device`` ("cpu" or "cuda")."""
+    baseline, measured first and then paired with every timed step of the others) at each size
+    in ``sizes`` (elements, rounded down to a multiple of 1024) on ``device`` ("cpu" or "cuda")."""
     target = torch.device(device)
     configs = configurations()
     if only:
         configs = {k: v for k, v in configs.items()
-                   if k == "torch AdamW fused" or any(s in k for s in only)}
+                   if k == BASELINE or any(s in k for s in only)}
     if target.type == "cpu":
         kernels.cpu_kernels()  # build (or load) the kernels before timing: reported as compile cost
     copy = copy_bandwidth(target)
@@ -152,15 +164,15 @@ def run_bench(sizes: list[int], steps: int = 5, warmup: int = 3, only: list[str]
         baseline = None
         for name, make in configs.items():
             try:
-                row = measure(name, make, max(1024, size // 1024 * 1024), warmup, steps, target)
+                row, step = measure(name, make, max(1024, size // 1024 * 1024), warmup, steps, target,
+                                    baseline)
             except Exception as error:  # a peer that cannot run here must not end the benchmark
                 if name not in peer_names:
                     raise
                 failed[name] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
                 continue
-            baseline = baseline or row["step_ms"]
-            result = BenchResult(**row, ratio_to_fused=row["step_ms"] / baseline,
-                                 fraction_of_copy=row["bandwidth_gbs"] / copy)
+            baseline = baseline or step
+            result = BenchResult(**row, fraction_of_copy=row["bandwidth_gbs"] / copy)
             results.append(result)
             if progress:
                 progress(result)
