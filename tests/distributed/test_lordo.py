@@ -149,6 +149,9 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str, task: str) -> N
         result = {"error": f"{type(error).__name__}: {error}", "time": time.time()}
     torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     if "error" not in result:
+        # all ranks reach the teardown together: a rank that closed its connections while another
+        # was still tearing down made gloo abort that one (SIGABRT, seen once in CI)
+        dist.barrier()
         dist.destroy_process_group()
 
 
