@@ -44,7 +44,8 @@ def torch_fused_step(param: torch.Tensor, state: dict, scalars: dict[str, Any], 
     kernel (CPU or GPU; ``state["step"]`` already advanced); False where this torch has none."""
     fused = getattr(torch, "_fused_adamw_", None)
     if (fused is None or param.device.type not in FUSED_DEVICES
-            or type(param) not in (torch.Tensor, torch.nn.Parameter) or not param.is_contiguous()):
+            or type(param) not in (torch.Tensor, torch.nn.Parameter) or not param.is_contiguous()
+            or not param.grad.is_contiguous()):
         return False
     step = state["step"].to(param.device)  # a copy on a GPU, where torch's kernel reads it
     fused([param], [param.grad], [state["exp_avg"]], [state["exp_avg_sq"]], [], [step],
