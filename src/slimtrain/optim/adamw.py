@@ -39,9 +39,10 @@ def adamw_eco_injection(states: dict, error: torch.Tensor, scalars: dict) -> Non
     states["exp_avg"].add_(scalars["eco_scale"] * denom * error)
 
 
-def torch_fused_step(param: torch.Tensor, state: dict, scalars: dict[str, Any], maximize: bool) -> bool:
-    """The step of a plain float32 ``param`` with float32 states through torch's fused AdamW
-    kernel (CPU or GPU; ``state["step"]`` already advanced); False where this torch has none."""
+def torch_fused_step(param: torch.Tensor, state: dict, group: dict[str, Any], maximize: bool) -> bool:
+    """The step of a plain float32 ``param`` with float32 states, under ``group``'s lr, betas,
+    eps and weight decay, through torch's fused AdamW kernel (CPU or GPU; ``state["step"]``
+    already advanced); False where this torch has none."""
     fused = getattr(torch, "_fused_adamw_", None)
     if (fused is None or param.device.type not in FUSED_DEVICES
             or type(param) not in (torch.Tensor, torch.nn.Parameter) or not param.is_contiguous()
@@ -49,8 +50,8 @@ def torch_fused_step(param: torch.Tensor, state: dict, scalars: dict[str, Any], 
         return False
     step = state["step"].to(param.device)  # a copy on a GPU, where torch's kernel reads it
     fused([param], [param.grad], [state["exp_avg"]], [state["exp_avg_sq"]], [], [step],
-          lr=scalars["lr"], beta1=scalars["beta1"], beta2=scalars["beta2"],
-          weight_decay=scalars["weight_decay"], eps=scalars["eps"], amsgrad=False, maximize=maximize)
+          lr=group["lr"], beta1=group["betas"][0], beta2=group["betas"][1],
+          weight_decay=group["weight_decay"], eps=group["eps"], amsgrad=False, maximize=maximize)
     return True
 
 
@@ -141,7 +142,7 @@ class AdamW(LowBitOptimizer):
     rules = (adamw_rule, adamw_eco_injection)
 
     def _fused_step(
-        self, param: torch.Tensor, formats: dict[str, StateFormat], state: dict,
+        self, group: dict[str, Any], param: torch.Tensor, formats: dict[str, StateFormat], state: dict,
         scalars: dict[str, Any], seeds: dict[str, int | None], options: tuple[bool, str | None],
         weight_seed: int | None,
     ) -> bool:
@@ -155,7 +156,7 @@ class AdamW(LowBitOptimizer):
                 or not all(kernels.supported(f) for f in formats.values())):
             return False
         if weight_update is None and not any(f.quantized for f in formats.values()):
-            return torch_fused_step(param, state, scalars, maximize)
+            return torch_fused_step(param, state, group, maximize)
         if param.device.type != "cpu":
             return False
         block_size = formats["exp_avg"].block_size
@@ -199,7 +200,6 @@ class AdamW(LowBitOptimizer):
             eco_scale = (1 - beta1**step) / lr * (1 - 1 / beta1)
             eco_scale *= decay if group["eco_decay_correction"] else 1.0
         return dict(
-            lr=lr, weight_decay=group["weight_decay"],
             decay=decay, beta1=beta1, beta2=beta2, eps=group["eps"], step_size=step_size,
             bias_correction2_sqrt=bias_correction2_sqrt, eco_scale=eco_scale,
             # what the C kernel reproduces; float32 weights with 32-bit states: torch.optim's update

@@ -200,7 +200,8 @@ class LowBitOptimizer(torch.optim.Optimizer):
         options = (group["maximize"], group["weight_update"] if low_precision else None)
         quantized_states = any(f.quantized for f in formats.values())
         fused = group["compile"] and (quantized_states or low_precision)
-        if group["compile"] and self._fused_step(param, formats, state, scalars, seeds, options, weight_seed):
+        if group["compile"] and self._fused_step(group, param, formats, state, scalars, seeds, options,
+                                                 weight_seed):
             return
         # no kernel covers it: torch.compile (for low-precision weights not on a CPU, see
         # EAGER_WEIGHT_DEVICES), else eager; the first step (states start at zero) always runs
@@ -237,12 +238,13 @@ class LowBitOptimizer(torch.optim.Optimizer):
     rules: tuple[Any, Any] = (None, None)
 
     def _fused_step(
-        self, param: torch.Tensor, formats: dict[str, StateFormat], state: dict,
+        self, group: dict[str, Any], param: torch.Tensor, formats: dict[str, StateFormat], state: dict,
         scalars: dict[str, Any], seeds: dict[str, int | None], options: tuple[bool, str | None],
         weight_seed: int | None,
     ) -> bool:
-        """Run this step of ``param`` in a hand-written kernel, if one covers it; return whether
-        it did (subclasses with a kernel override this). Arguments as for :func:`step_chunk_`."""
+        """Run this step of ``param`` (in ``group``) in a fused kernel, if one covers it; return
+        whether it did (subclasses with a kernel override this). Other arguments as for
+        :func:`step_chunk_`."""
         return False
 
     def _scalars(

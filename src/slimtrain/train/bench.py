@@ -91,7 +91,7 @@ def configurations() -> dict[str, Callable]:
     return configs | peers()
 
 
-BASELINE = "torch AdamW fused"  # measured first; each timed step of the others is paired with one of its
+BASELINE = "torch AdamW fused"  # measured first; then one of its steps precedes each timed step of the others
 FLOAT8_PREFIX = "st.AdamW FP8 + ECO (SR) "  # configurations whose parameter is an FP8 QuantizedWeight
 
 

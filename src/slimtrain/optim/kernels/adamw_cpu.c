@@ -756,7 +756,7 @@ void float8_stochastic_codes(int64_t count, const float *y, const float *noise, 
                              int32_t exponent_bias, float max, uint8_t *codes) {
     const weight_t f = {.mantissa_bits = mantissa_bits, .exponent_bias = exponent_bias, .max = max};
     const weight_layout_t l = layout_of(&f);
-    FOR_PARTS(count, store_codes(codes + i, float8_stochastic8(load_part(y + i, n), load_part(noise + i, n), l) & 0xFF, n);)
+    FOR_PARTS(count, store_codes(codes + i, float8_stochastic8(load_part(y + i, n), load_part(noise + i, n), l), n);)
 }
 
 /* n <= 8 codes of a weight from element `at` of `codes`, as their unscaled values (int4: n == 8,
