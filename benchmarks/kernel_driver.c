@@ -1,0 +1,79 @@
+/* The CPU kernel's (4, 2) step on its own, for profiling without Python (`perf record`):
+ * one float32 parameter of 2^LOGN elements (default 2^20, resident in L3) with m in 4-bit
+ * dynamic-exponent codes (or float32) and v on 2-bit logarithmic levels (or float32), one
+ * thread; prints the best and mean ns per parameter over REPS steps and a hash of the result.
+ *
+ *   gcc -O3 -ffp-contract=off -fno-math-errno -fno-trapping-math -std=c11 -march=native \
+ *       benchmarks/kernel_driver.c -o /tmp/kernel_driver -lm
+ *   taskset -c 1 /tmp/kernel_driver [REPS=300] [M_BITS=4|32] [V_BITS=2|32] [V_STOCHASTIC=1|0]
+ */
+#define _POSIX_C_SOURCE 199309L
+#include <stdio.h>
+#include <time.h>
+
+#include "../src/slimtrain/optim/kernels/adamw_cpu.c"
+
+static double seconds(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
+}
+
+static uint32_t random_state = 12345;
+static float uniform(void) { /* in [-1, 1) */
+    random_state = random_state * 1664525u + 1013904223u;
+    return (float)(random_state >> 8) * (2.0f / 16777216.0f) - 1.0f;
+}
+
+int main(int argc, char **argv) {
+    const int64_t n = (int64_t)1 << (getenv("LOGN") ? atoi(getenv("LOGN")) : 20), block = 128;
+    const int64_t blocks = n / block;
+    const int reps = argc > 1 ? atoi(argv[1]) : 300;
+    const int m_bits = argc > 2 ? atoi(argv[2]) : 4, v_bits = argc > 3 ? atoi(argv[3]) : 2;
+    const int v_stochastic = argc > 4 ? atoi(argv[4]) : 1;
+    /* slimtrain.quant.codebook("dynamic", 4, True) and its midpoints */
+    static const float levels[16] = {-0.887499988079071f, -0.6625000238418579f, -0.4375f,
+        -0.21250000596046448f, -0.07750000059604645f, -0.032499998807907104f,
+        -0.005499999970197678f, 0.0f, 0.005499999970197678f, 0.032499998807907104f,
+        0.07750000059604645f, 0.21250000596046448f, 0.4375f, 0.6625000238418579f,
+        0.887499988079071f, 1.0f};
+    float mids[15];
+    for (int k = 0; k < 15; ++k) mids[k] = (levels[k] + levels[k + 1]) / 2;
+    float *param = malloc((size_t)n * 4), *grad = malloc((size_t)n * 4);
+    for (int64_t i = 0; i < n; ++i) {
+        param[i] = uniform();
+        grad[i] = uniform() * 1e-2f;
+    }
+    state_t m = {0}, v = {0};
+    if (m_bits == 32) {
+        m = (state_t){.kind = KIND_FLOAT, .values = calloc((size_t)n, 4)};
+    } else {
+        m = (state_t){.kind = KIND_CODEBOOK, .bits = 4, .codes = calloc((size_t)n, 1),
+                      .scales = calloc((size_t)blocks, 4), .levels = levels, .mids = mids};
+    }
+    if (v_bits == 32) {
+        v = (state_t){.kind = KIND_FLOAT, .values = calloc((size_t)n, 4)};
+    } else {
+        v = (state_t){.kind = KIND_LOG, .bits = 2, .stochastic = v_stochastic, .key = 99,
+                      .quantile = 0.1f, .codes = calloc((size_t)n, 1), .scales = calloc((size_t)(2 * blocks), 4)};
+    }
+    const adamw_scalars_t scalars = {0.9999f, 0.1f, 0.999f, 0.001f, 1e-8f, 1.0f, -1e-3f, 0};
+    double best = 1e9, total = 0;
+    for (int r = 0; r < reps; ++r) {
+        const double start = seconds();
+        adamw_step_blocks(n, block, 0, blocks, param, grad, &m, &v, &scalars);
+        const double took = seconds() - start;
+        total += took;
+        best = took < best ? took : best;
+        for (int64_t i = 0; i < n; i += 97) grad[i] = -grad[i]; /* gradients that change */
+    }
+    uint32_t hash = 0;
+    for (int64_t i = 0; i < n; ++i) {
+        uint32_t b;
+        memcpy(&b, param + i, 4);
+        hash = hash * 31 + b;
+    }
+    printf("m %d bits, v %d bits (%s): best %.3f ns/param, mean %.3f; parameter hash %08x\n", m_bits,
+           v_bits, v_stochastic ? "SR" : "RTN", best * 1e9 / (double)n, total / reps * 1e9 / (double)n, hash);
+    return 0;
+}
