@@ -1,11 +1,11 @@
 /* The CPU kernel's (4, 2) step on its own, for profiling without Python (`perf record`):
  * one float32 parameter of 2^LOGN elements (default 2^20, resident in L3) with m in 4-bit
- * dynamic-exponent codes (or float32) and v on 2-bit logarithmic levels (or float32), one
+ * dynamic-exponent codes (or float32) and v on 2- to 8-bit logarithmic levels (or float32), one
  * thread; prints the best and mean ns per parameter over REPS steps and a hash of the result.
  *
  *   gcc -O3 -ffp-contract=off -fno-math-errno -fno-trapping-math -std=c11 -march=native \
  *       benchmarks/kernel_driver.c -o /tmp/kernel_driver -lm
- *   taskset -c 1 /tmp/kernel_driver [REPS=300] [M_BITS=4|32] [V_BITS=2|32] [V_STOCHASTIC=1|0]
+ *   taskset -c 1 /tmp/kernel_driver [REPS=300] [M_BITS=4|32] [V_BITS=2..8|32] [V_STOCHASTIC=1|0]
  */
 #define _POSIX_C_SOURCE 199309L
 #include <stdio.h>
@@ -54,7 +54,7 @@ int main(int argc, char **argv) {
     if (v_bits == 32) {
         v = (state_t){.kind = KIND_FLOAT, .values = calloc((size_t)n, 4)};
     } else {
-        v = (state_t){.kind = KIND_LOG, .bits = 2, .stochastic = v_stochastic, .key = 99,
+        v = (state_t){.kind = KIND_LOG, .bits = v_bits, .stochastic = v_stochastic, .key = 99,
                       .quantile = 0.1f, .codes = calloc((size_t)n, 1), .scales = calloc((size_t)(2 * blocks), 4)};
     }
     const adamw_scalars_t scalars = {0.9999f, 0.1f, 0.999f, 0.001f, 1e-8f, 1.0f, -1e-3f, 0};

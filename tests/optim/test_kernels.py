@@ -12,6 +12,7 @@ from hypothesis import strategies as hypothesis_st
 
 import slimtrain as st
 from slimtrain.optim import kernels
+from slimtrain.quant import elementary
 from slimtrain.quant.formats import _FLOAT8, _float8_stochastic, format_max
 
 
@@ -304,3 +305,32 @@ def test_float8_stochastic_rounding_at_exact_ties(fmt):
     library.float8_stochastic_codes(y.numel(), y.data_ptr(), noise.data_ptr(), mantissa_bits, bias,
                                     limit, got.data_ptr())
     assert torch.equal(got, expected)
+
+
+def test_kernel_log2_and_exp2_are_elementarys_in_every_lane():
+    """The kernel's log2 and exp2 (a fast path for vectors of 8 ordinary values, the general one
+    for vectors holding a zero, subnormal, negative, infinite or NaN lane, or, for exp2, an
+    exponent outside [-125, 126]) give slimtrain.quant.elementary's bits."""
+    library = kernels.cpu_kernels()
+    if library is None:
+        pytest.skip("no C compiler")
+    generator = torch.Generator().manual_seed(0)
+    # every exponent, mantissas at and beside sqrt(1/2)'s (where log2 takes the next exponent)
+    exponents = torch.arange(1, 255, dtype=torch.int32) << 23
+    mantissas = torch.tensor([0, 1, 0x3504F2, 0x3504F3, 0x3504F4, 0x400000, 0x7FFFFF], dtype=torch.int32)
+    ordinary = (exponents[:, None] | mantissas[None, :]).reshape(-1).view(torch.float32)
+    uniform = torch.rand(4000, generator=generator)
+    ordinary = torch.cat([ordinary, uniform * 300, uniform * 300 - 150])  # log2's, exp2's
+    special = torch.tensor([0.0, -0.0, 1e-39, 1e-45, -1.0, float("inf"), float("-inf"), float("nan"),
+                            -125.0, -125.5, 126.0, 126.5, -252.0, -252.5, 254.0, 254.5])
+    subnormal = torch.tensor([0x007FFFFF, 0x00400000], dtype=torch.int32).view(torch.float32)
+    special = torch.cat([special, subnormal])
+    mixed = torch.linspace(1.0, 7.0, 8).repeat(special.numel(), 1)  # in both fast paths' ranges
+    mixed[torch.arange(special.numel()), torch.arange(special.numel()) % 8] = special
+    partial = torch.tensor([0.5, 3.0, 7.0])  # the last vector
+    x = torch.cat([ordinary, mixed.reshape(-1), special, partial])
+    log2_out, exp2_out = torch.empty_like(x), torch.empty_like(x)
+    library.elementary_lanes(x.numel(), x.data_ptr(), log2_out.data_ptr(), exp2_out.data_ptr())
+    for got, expected in ((log2_out, elementary.log2(x)), (exp2_out, elementary.exp2(x))):
+        assert torch.equal(got.isnan(), expected.isnan())
+        assert torch.equal(got[~got.isnan()].view(torch.int32), expected[~expected.isnan()].view(torch.int32))

@@ -141,6 +141,8 @@ def _declare(library: ctypes.CDLL) -> None:
         ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32,
         ctypes.c_float, ctypes.c_void_p,
     ]
+    library.elementary_lanes.restype = None
+    library.elementary_lanes.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
     library.adamw_step_weight_rows.restype = ctypes.c_int
     library.adamw_step_weight_rows.argtypes = [
         ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,

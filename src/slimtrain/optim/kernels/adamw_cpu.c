@@ -76,6 +76,17 @@ static inline f8 select8(i8 mask, f8 a, f8 b) {
 #endif
 }
 static inline f8 max8(f8 a, f8 b) { return select8(a > b, a, b); }
+/* whether any lane of the mask is set */
+static inline int any8(i8 mask) {
+#if defined(__AVX__)
+    return _mm256_movemask_ps((__m256)mask) != 0;
+#else
+    int any = 0;
+    for (int j = 0; j < 8; ++j) any |= mask[j];
+    return any != 0;
+#endif
+}
+
 /* noise_at of the 8 indices index .. index + 7 */
 static inline f8 noise8(uint32_t key, int64_t index) {
     u8v x = ((u8v){0} + ((uint32_t)index + key)) + LANE;
@@ -95,15 +106,9 @@ static inline f8 floor8(f8 v) {
 }
 
 /* log2 of each lane: frexp by bit manipulation (subnormals scaled by 2^24 first), then the atanh
- * series of slimtrain.quant.elementary.log2, branch-free */
-static inline f8 log2_8(f8 x) {
-    const i8 subnormal = x < TINY;
-    const i8 b = (i8)select8(subnormal, x * 16777216.0f, x);
-    i8 e = ((b >> 23) & 0xFF) - 126 - (subnormal & 24);
-    f8 m = (f8)((b & 0x007FFFFF) | 0x3F000000); /* in [0.5, 1) */
-    const i8 small = m < 0.7071067690849304f;
-    m = select8(small, m * 2.0f, m);
-    e = e + small; /* small is -1 where true */
+ * series of slimtrain.quant.elementary.log2, branch-free. log2_series8 is the series part: e +
+ * log2(m) for m in [sqrt(1/2), sqrt(2)). */
+static inline f8 log2_series8(f8 m, i8 e) {
     const f8 s = (m - 1.0f) / (m + 1.0f);
     const f8 s2 = s * s;
     f8 series = splat8(0.1111111119389534f);
@@ -111,26 +116,58 @@ static inline f8 log2_8(f8 x) {
     series = series * s2 + 0.20000000298023224f;
     series = series * s2 + 0.3333333432674408f;
     series = series * s2 + 1.0f;
-    f8 r = __builtin_convertvector(e, f8) + (s * series) * 2.885390043258667f;
+    return __builtin_convertvector(e, f8) + (s * series) * 2.885390043258667f;
+}
+
+static inline f8 log2_general8(f8 x) {
+    const i8 subnormal = x < TINY;
+    const i8 b = (i8)select8(subnormal, x * 16777216.0f, x);
+    i8 e = ((b >> 23) & 0xFF) - 126 - (subnormal & 24);
+    f8 m = (f8)((b & 0x007FFFFF) | 0x3F000000); /* in [0.5, 1) */
+    const i8 small = m < 0.7071067690849304f;
+    m = select8(small, m * 2.0f, m);
+    e = e + small; /* small is -1 where true */
+    f8 r = log2_series8(m, e);
     r = select8(x == INFINITY, x, r);
     return select8(x > 0.0f, r, select8(x == 0.0f, splat8(-INFINITY), splat8(NAN)));
+}
+
+/* log2_general8's bits; where every lane is a positive normal float, the same m and e straight
+ * from the bits: subtracting sqrt(1/2)'s bits moves the exponent down by one exactly where the
+ * mantissa is below sqrt(1/2)'s */
+static inline f8 log2_8(f8 x) {
+    const i8 b = (i8)x;
+    if (any8((b < 0x00800000) | (b > 0x7F7FFFFF))) return log2_general8(x); /* sign bit: b < 0 */
+    const i8 e = (b - 0x3F3504F3) >> 23;
+    return log2_series8((f8)(b - (e << 23)), e);
 }
 
 /* 2^n for int32 lanes n in [-126, 127], from the exponent bits */
 static inline f8 power_of_two8(i8 n) { return (f8)((n + 127) << 23); }
 
-/* exp2 of each lane, as slimtrain.quant.elementary.exp2: 0 below -252, +inf above 254 */
+/* exp2 of each lane, as slimtrain.quant.elementary.exp2: 0 below -252, +inf above 254. Where every
+ * lane is in [-125, 126], 2^n is one normal float and p * 2^n is exact, so one scaling gives the
+ * bits of the two below. */
+static const float EXP2_COEFF[9] = {1.3215486660556053e-06f, 1.5252733646775596e-05f,
+                                    0.0001540352968731895f, 0.0013333557872101665f,
+                                    0.009618128649890423f, 0.05550410971045494f,
+                                    0.24022650718688965f, 0.6931471824645996f, 1.0f};
+
+static inline f8 exp2_poly8(f8 r) {
+    f8 p = splat8(EXP2_COEFF[0]);
+    for (int k = 1; k < 9; ++k) p = p * r + EXP2_COEFF[k];
+    return p;
+}
+
 static inline f8 exp2_8(f8 y) {
-    static const float coeff[9] = {1.3215486660556053e-06f, 1.5252733646775596e-05f,
-                                   0.0001540352968731895f, 0.0013333557872101665f,
-                                   0.009618128649890423f, 0.05550410971045494f,
-                                   0.24022650718688965f, 0.6931471824645996f, 1.0f};
+    if (!any8(~((y >= -125.0f) & (y <= 126.0f)))) { /* NaN fails both comparisons */
+        const f8 n = floor8(y + 0.5f);
+        return exp2_poly8(y - n) * power_of_two8(__builtin_convertvector(n, i8));
+    }
     const i8 below = y < -252.0f, above = y > 254.0f;
     const f8 clamped = select8(below, splat8(-252.0f), select8(above, splat8(254.0f), y));
     const f8 n = floor8(clamped + 0.5f);
-    const f8 r = clamped - n;
-    f8 p = splat8(coeff[0]);
-    for (int k = 1; k < 9; ++k) p = p * r + coeff[k];
+    const f8 p = exp2_poly8(clamped - n);
     const i8 whole = __builtin_convertvector(select8(n == n, n, splat8(0.0f)), i8);
     const i8 half = whole >> 1; /* floor(whole / 2) */
     f8 result = p * power_of_two8(half) * power_of_two8(whole - half);
@@ -167,6 +204,16 @@ static inline void store_codes(uint8_t *p, i8 codes, int64_t n) { /* codes in 0 
     u8x8 c = __builtin_convertvector(codes, u8x8);
     memcpy(p, &c, (size_t)n);
 #endif
+}
+
+/* log2_8 and exp2_8 of `count` floats, 8 lanes at a time (zeros after the last), into log2_out and
+ * exp2_out: lets tests compare both paths of each with slimtrain.quant.elementary */
+void elementary_lanes(int64_t count, const float *x, float *log2_out, float *exp2_out) {
+    FOR_PARTS(count, {
+        const f8 v = load_part(x + i, n);
+        store_part(log2_out + i, log2_8(v), n);
+        store_part(exp2_out + i, exp2_8(v), n);
+    })
 }
 
 /* ------------------------------------------------------------------------- bit packing */
@@ -716,16 +763,6 @@ static inline i8 float8_stochastic_general8(f8 y, f8 noise, weight_layout_t l) {
     const f8 distance = (f8)((i8)(y - near) & 0x7FFFFFFF);
     const f8 p_other = select8(gap > 0.0f, distance * (f8)(0x7F000000 - (i8)gap), splat8(0.0f));
     return (i8)select8(noise < p_other, (f8)other_code, (f8)nearest);
-}
-
-static inline int any8(i8 mask) {
-#if defined(__AVX__)
-    return _mm256_movemask_ps((__m256)mask) != 0;
-#else
-    int any = 0;
-    for (int j = 0; j < 8; ++j) any |= mask[j];
-    return any != 0;
-#endif
 }
 
 /* float8_stochastic_general8 in integers, the same bits, where every |y| is a normal float8 (else
