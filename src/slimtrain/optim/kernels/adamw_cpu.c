@@ -264,29 +264,36 @@ static void pack_block(const int32_t *codes, int bits, int64_t count, uint8_t *d
 #undef PACK_CASE
 }
 
+/* lanes where entry < y (entry <= y if inclusive) */
+static inline i8 entries_below(f8 entry, f8 y, int inclusive) { return inclusive ? entry <= y : entry < y; }
+
+#if defined(__AVX2__)
+static inline f8 permute8(f8 table, i8 index) {
+    return (f8)_mm256_permutevar8x32_ps((__m256)table, (__m256i)index);
+}
+#endif
+
 /* out[i] = number of entries of sorted table[0..n) below x[i] (<= x[i] if inclusive) */
 static void count_below(const float *table, int n, const float *x, int64_t count, int inclusive,
                         int32_t *out) {
 #if defined(__AVX2__)
-    if (n < 16) { /* branch-free binary search of the table (+inf padded to 16) held in registers */
-        float padded[16];
+    if (n < 16) { /* a branch-free search of the table (+inf padded to 16) held in registers */
+        float padded[16], quarter[8] = {0}, even[8];
         for (int j = 0; j < 16; ++j) padded[j] = j < n ? table[j] : INFINITY;
-        const __m256 low = _mm256_loadu_ps(padded), high = _mm256_loadu_ps(padded + 8);
-        const int predicate = inclusive ? _CMP_LE_OQ : _CMP_LT_OQ;
+        for (int j = 0; j < 4; ++j) quarter[j] = padded[4 * j + 1];
+        for (int j = 0; j < 8; ++j) even[j] = padded[2 * j];
+        const f8 quarters = load8(quarter), evens = load8(even);
+        const f8 t3 = splat8(padded[3]), t7 = splat8(padded[7]), t11 = splat8(padded[11]);
         for (int64_t i = 0; i < count; i += 8) {
-            const __m256 y = _mm256_loadu_ps(x + i);
-            __m256i position = _mm256_setzero_si256();
-            for (int step = 8; step > 0; step /= 2) {
-                __m256i probe = _mm256_add_epi32(position, _mm256_set1_epi32(step - 1));
-                __m256 entry = _mm256_blendv_ps(
-                    _mm256_permutevar8x32_ps(low, probe), _mm256_permutevar8x32_ps(high, probe),
-                    _mm256_castsi256_ps(_mm256_slli_epi32(probe, 28))); /* bit 3: upper half */
-                __m256 below = predicate == _CMP_LE_OQ ? _mm256_cmp_ps(entry, y, _CMP_LE_OQ)
-                                                       : _mm256_cmp_ps(entry, y, _CMP_LT_OQ);
-                position = _mm256_add_epi32(
-                    position, _mm256_and_si256(_mm256_castps_si256(below), _mm256_set1_epi32(step)));
-            }
-            _mm256_storeu_si256((__m256i *)(out + i), position);
+            const f8 y = load8(x + i);
+            /* the count is in [4q, 4q + 3], q = entries 3, 7, 11 below y; then it is at least
+             * 4q + 2 exactly where entry 4q + 1 is below y (j = 2q + that), and 2j + 1 exactly where
+             * entry 2j is: a binary search whose lookups are one permute each (masks are -1) */
+            const i8 q = -entries_below(t3, y, inclusive) - entries_below(t7, y, inclusive) -
+                         entries_below(t11, y, inclusive);
+            const i8 j = q + q - entries_below(permute8(quarters, q), y, inclusive);
+            const i8 position = j + j - entries_below(permute8(evens, j), y, inclusive);
+            store8i(out + i, position);
         }
         return;
     }
@@ -295,8 +302,7 @@ static void count_below(const float *table, int n, const float *x, int64_t count
         for (int64_t i = 0; i < count; i += 8) {
             f8 y = load8(x + i);
             i8 c = {0};
-            if (inclusive) for (int j = 0; j < n; ++j) c -= splat8(table[j]) <= y;
-            else for (int j = 0; j < n; ++j) c -= splat8(table[j]) < y;
+            for (int j = 0; j < n; ++j) c -= entries_below(splat8(table[j]), y, inclusive);
             store8i(out + i, c);
         }
         return;
