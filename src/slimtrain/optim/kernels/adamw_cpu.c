@@ -387,26 +387,24 @@ static void count_below_buckets(const search_t *s, const float *x, int64_t count
  * registers; states with more levels are decoded element by element (decode_group_elements). */
 #define TABLE_LEVELS 16
 
-/* table[codes] for 8 codes of a table of `size` <= TABLE_LEVELS entries */
-typedef struct { f8 low, high; const float *table; int size; } table_t;
+/* a table of `size` <= TABLE_LEVELS entries in two vectors: entries 0-7 in low, 8-15 in high */
+typedef struct { f8 low, high; int size; } table_t;
 
-static table_t table_of(const float *table, int size) {
-    table_t t = {splat8(0.0f), splat8(0.0f), table, size};
-    for (int k = 0; k < size; ++k) {
-        if (k < 8) t.low[k] = table[k]; else t.high[k - 8] = table[k];
-    }
+/* levels[0 .. size) * scale (the codebook map's values), each product as the scalar one */
+static table_t codebook_table(const float *levels, int size, float scale) {
+    const table_t t = {load_part(levels, size < 8 ? size : 8) * scale,
+                       size > 8 ? load_part(levels + 8, size - 8) * scale : splat8(0.0f), size};
     return t;
 }
 
 static inline __attribute__((always_inline)) f8 lookup8(const table_t *t, i8 codes) {
 #if defined(__AVX2__)
-    if (t->size <= 8) return (f8)_mm256_permutevar8x32_ps((__m256)t->low, (__m256i)codes);
-    const __m256 from_low = _mm256_permutevar8x32_ps((__m256)t->low, (__m256i)codes);
-    const __m256 from_high = _mm256_permutevar8x32_ps((__m256)t->high, (__m256i)codes);
-    return (f8)_mm256_blendv_ps(from_low, from_high, (__m256)(codes << 28)); /* bit 3 -> sign */
+    if (t->size <= 8) return permute8(t->low, codes);
+    return (f8)_mm256_blendv_ps((__m256)permute8(t->low, codes), (__m256)permute8(t->high, codes),
+                                (__m256)(codes << 28)); /* bit 3 -> sign */
 #else
     f8 out;
-    for (int j = 0; j < 8; ++j) out[j] = t->table[codes[j]];
+    for (int j = 0; j < 8; ++j) out[j] = codes[j] < 8 ? t->low[codes[j]] : t->high[codes[j] - 8];
     return out;
 #endif
 }
@@ -437,24 +435,38 @@ static inline int64_t valid_in(int64_t numel, int64_t block, int64_t block_size)
     return rest < block_size ? rest : block_size;
 }
 
-/* geometric levels of `count` blocks from their (max, x_p) scales: tables[b][k], k = 0 .. last */
-static void log_tables(const float *scales, int count, int last, float tables[GROUP][TABLE_LEVELS]) {
+/* the logarithmic map of 8 blocks (one per lane) from their max and x_p: log2(max) into *log_top,
+ * and the step between levels in octaves (level k = 2^(log_top - step * k), k = 0 .. last); a block
+ * whose max is 0 (all zeros) gets log_top = step = 0 */
+static inline f8 log_map8(f8 top, f8 bottom, int last, f8 *log_top) {
+    const i8 positive = top > 0.0f;
+    *log_top = log2_8(select8(positive, top, splat8(1.0f)));
+    return (*log_top - log2_8(select8(positive, bottom, splat8(1.0f)))) / (float)last;
+}
+
+/* log_map8 of blocks first .. first + count - 1 (count <= GROUP) of a logarithmic state */
+static inline f8 load_log_map8(const state_t *s, int64_t first, int count, f8 *log_top, i8 *positive) {
     f8 top = splat8(0.0f), bottom = splat8(0.0f);
     for (int b = 0; b < count; ++b) {
-        top[b] = scales[2 * b];
-        bottom[b] = scales[2 * b + 1];
+        top[b] = s->scales[2 * (first + b)];
+        bottom[b] = s->scales[2 * (first + b) + 1];
     }
-    const i8 positive = top > 0.0f;
-    const f8 log_top = log2_8(select8(positive, top, splat8(1.0f)));
-    const f8 step = (log_top - log2_8(select8(positive, bottom, splat8(1.0f)))) / (float)last;
-    for (int k = 0; k <= last; ++k) {
-        const f8 level = select8(positive, exp2_8(log_top - step * (float)k), splat8(0.0f));
-        for (int b = 0; b < count; ++b) tables[b][k] = level[b];
-    }
+    *positive = top > 0.0f;
+    return log_map8(top, bottom, (1 << s->bits) - 1, log_top);
+}
+
+/* the levels of one block of the logarithmic map (zeros for an all-zero block) */
+static table_t log_table(float log_top, float step, int positive, int size) {
+    static const f8 low_k = {0, 1, 2, 3, 4, 5, 6, 7}, high_k = {8, 9, 10, 11, 12, 13, 14, 15};
+    table_t t = {splat8(0.0f), splat8(0.0f), size};
+    if (!positive) return t;
+    t.low = exp2_8(splat8(log_top) - splat8(step) * low_k);
+    if (size > 8) t.high = exp2_8(splat8(log_top) - splat8(step) * high_k);
+    return t;
 }
 
 /* one block of `bits`-bit codes (a constant where inlined) into values, element by element, with
- * the operations of the tables below: exp2(log2(max) - step * code) when `levels` is NULL (the
+ * the operations of the tables (log_table, codebook_table): exp2(log2(max) - step * code) when `levels` is NULL (the
  * logarithmic map), else levels[code] * scale */
 static inline __attribute__((always_inline)) void decode_block_elements(
     const uint8_t *codes, int bits, int64_t block_size, f8 log_top, f8 step, const float *levels,
@@ -478,16 +490,7 @@ static void decode_group_elements(const state_t *s, int64_t first, int count, in
     const int bits = s->bits, log_map = s->kind == KIND_LOG;
     f8 log_top = splat8(0.0f), step = splat8(0.0f);
     i8 positive = {0};
-    if (log_map) { /* as log_tables */
-        f8 top = splat8(0.0f), bottom = splat8(0.0f);
-        for (int b = 0; b < count; ++b) {
-            top[b] = s->scales[2 * (first + b)];
-            bottom[b] = s->scales[2 * (first + b) + 1];
-        }
-        positive = top > 0.0f;
-        log_top = log2_8(select8(positive, top, splat8(1.0f)));
-        step = (log_top - log2_8(select8(positive, bottom, splat8(1.0f)))) / (float)((1 << bits) - 1);
-    }
+    if (log_map) step = load_log_map8(s, first, count, &log_top, &positive);
     for (int b = 0; b < count; ++b) {
         const uint8_t *codes = s->codes + (first + b) * block_size * bits / 8;
         float *values = out + b * block_size;
@@ -521,15 +524,14 @@ static void decode_group(const state_t *s, int64_t first, int count, int64_t blo
         decode_group_elements(s, first, count, block_size, out);
         return;
     }
-    float tables[GROUP][TABLE_LEVELS];
-    if (s->kind == KIND_LOG) log_tables(s->scales + 2 * first, count, last, tables);
+    f8 log_top = splat8(0.0f), step = splat8(0.0f);
+    i8 positive = {0};
+    if (s->kind == KIND_LOG) step = load_log_map8(s, first, count, &log_top, &positive);
     for (int b = 0; b < count; ++b) {
-        if (s->kind == KIND_CODEBOOK) {
-            const float scale = s->scales[first + b];
-            for (int k = 0; k <= last; ++k) tables[b][k] = s->levels[k] * scale;
-        }
+        const table_t table = s->kind == KIND_LOG
+                                  ? log_table(log_top[b], step[b], positive[b], last + 1)
+                                  : codebook_table(s->levels, last + 1, s->scales[first + b]);
         const int64_t at = start + b * block_size;
-        const table_t table = table_of(tables[b], last + 1);
         decode_codes(s->codes + at * s->bits / 8, s->bits, block_size, &table, out + b * block_size);
     }
 }
@@ -636,9 +638,8 @@ static void encode_log_group(const state_t *s, int64_t first, int count, int64_t
     }
     const f8 bottom = select8(zeros >= rank, select8(has_positive, smallest, splat8(0.0f)), snapped);
     const int last = (1 << s->bits) - 1;
-    const i8 positive = top > 0.0f;
-    const f8 log_top = log2_8(select8(positive, top, splat8(1.0f)));
-    const f8 step = (log_top - log2_8(select8(positive, bottom, splat8(1.0f)))) / (float)last;
+    f8 log_top;
+    const f8 step = log_map8(top, bottom, last, &log_top);
     const f8 levels_per_octave = select8(step > 0.0f, 1.0f / step, splat8(0.0f));
     for (int b = 0; b < count; ++b) {
         const int64_t start = (first + b) * block_size;
