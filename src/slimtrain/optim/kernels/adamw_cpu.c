@@ -75,7 +75,22 @@ static inline f8 select8(i8 mask, f8 a, f8 b) {
     return (f8)((mask & (i8)a) | (~mask & (i8)b));
 #endif
 }
-static inline f8 max8(f8 a, f8 b) { return select8(a > b, a, b); }
+/* a > b ? a : b, lane by lane (NaN in either gives b): what x86's max instruction computes */
+static inline f8 max8(f8 a, f8 b) {
+#if defined(__AVX__)
+    return (f8)_mm256_max_ps((__m256)a, (__m256)b);
+#else
+    return select8(a > b, a, b);
+#endif
+}
+/* a < b ? a : b, lane by lane (NaN in either gives b) */
+static inline f8 min8(f8 a, f8 b) {
+#if defined(__AVX__)
+    return (f8)_mm256_min_ps((__m256)a, (__m256)b);
+#else
+    return select8(a < b, a, b);
+#endif
+}
 /* whether any lane of the mask is set */
 static inline int any8(i8 mask) {
 #if defined(__AVX__)
@@ -580,7 +595,7 @@ static inline int32_t lanes_sum(i8 v) {
 /* slimtrain.quant.blockwise.quantize_log of blocks first .. first + count - 1, x holding their
  * count * block_size values (zeros past numel); one block per lane for the per-block scalars */
 /* +inf (an overflowed square) as the largest float32, as quantize_log clamps; NaN stays NaN */
-static inline f8 saturate8(f8 v) { return select8(v > FLT_MAX, splat8(FLT_MAX), v); }
+static inline f8 saturate8(f8 v) { return min8(splat8(FLT_MAX), v); }
 
 static void encode_log_group(const state_t *s, int64_t first, int count, int64_t block_size,
                              int64_t numel, const float *x, const scratch_t *w) {
@@ -597,7 +612,7 @@ static void encode_log_group(const state_t *s, int64_t first, int count, int64_t
             memcpy(lb + i, &l, sizeof l);
             lane_top = max8(v, lane_top);
             lane_high = max8(l, lane_high);
-            lane_small = select8((v > 0.0f) & (v < lane_small), v, lane_small);
+            lane_small = select8(v > 0.0f, min8(v, lane_small), lane_small);
             lane_zeros -= v == 0.0f;
         }
         top[b] = lanes_max(lane_top, 0.0f);
