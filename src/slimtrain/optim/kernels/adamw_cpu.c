@@ -402,38 +402,39 @@ static void count_below_buckets(const search_t *s, const float *x, int64_t count
  * registers; states with more levels are decoded element by element (decode_group_elements). */
 #define TABLE_LEVELS 16
 
-/* a table of `size` <= TABLE_LEVELS entries in two vectors: entries 0-7 in low, 8-15 in high */
-typedef struct { f8 low, high; int size; } table_t;
+/* a table of at most TABLE_LEVELS entries in two vectors: entries 0-7 in low, 8-15 in high */
+typedef struct { f8 low, high; } table_t;
 
 /* levels[0 .. size) * scale (the codebook map's values), each product as the scalar one */
 static table_t codebook_table(const float *levels, int size, float scale) {
     const table_t t = {load_part(levels, size < 8 ? size : 8) * scale,
-                       size > 8 ? load_part(levels + 8, size - 8) * scale : splat8(0.0f), size};
+                       size > 8 ? load_part(levels + 8, size - 8) * scale : splat8(0.0f)};
     return t;
 }
 
-static inline __attribute__((always_inline)) f8 lookup8(const table_t *t, i8 codes) {
+/* the entries of t (of `size` entries, a constant where inlined) at 8 codes */
+static inline __attribute__((always_inline)) f8 lookup8(table_t t, i8 codes, int size) {
 #if defined(__AVX2__)
-    if (t->size <= 8) return permute8(t->low, codes);
-    return (f8)_mm256_blendv_ps((__m256)permute8(t->low, codes), (__m256)permute8(t->high, codes),
+    if (size <= 8) return permute8(t.low, codes);
+    return (f8)_mm256_blendv_ps((__m256)permute8(t.low, codes), (__m256)permute8(t.high, codes),
                                 (__m256)(codes << 28)); /* bit 3 -> sign */
 #else
     f8 out;
-    for (int j = 0; j < 8; ++j) out[j] = codes[j] < 8 ? t->low[codes[j]] : t->high[codes[j] - 8];
+    for (int j = 0; j < 8; ++j) out[j] = codes[j] < 8 ? t.low[codes[j]] : t.high[codes[j] - 8];
     return out;
 #endif
 }
 
 /* out[i] = table[code i] for the count (a multiple of 8) codes packed at src */
-static void decode_codes(const uint8_t *src, int bits, int64_t count, const table_t *t, float *out) {
+static void decode_codes(const uint8_t *src, int bits, int64_t count, table_t t, float *out) {
 #define DECODE_CASE(BITS) \
     case BITS: \
         for (int64_t g = 0; g < count / 8; ++g) { \
-            const f8 values = lookup8(t, unpack8(src + BITS * g, BITS)); \
+            const f8 values = lookup8(t, unpack8(src + BITS * g, BITS), 1 << BITS); \
             memcpy(out + 8 * g, &values, sizeof values); \
         } \
         break;
-    switch (bits) { EACH_CODE_WIDTH(DECODE_CASE) }
+    switch (bits) { DECODE_CASE(2) DECODE_CASE(3) DECODE_CASE(4) } /* up to TABLE_LEVELS levels */
 #undef DECODE_CASE
 }
 
@@ -473,7 +474,7 @@ static inline f8 load_log_map8(const state_t *s, int64_t first, int count, f8 *l
 /* the levels of one block of the logarithmic map (zeros for an all-zero block) */
 static table_t log_table(float log_top, float step, int positive, int size) {
     static const f8 low_k = {0, 1, 2, 3, 4, 5, 6, 7}, high_k = {8, 9, 10, 11, 12, 13, 14, 15};
-    table_t t = {splat8(0.0f), splat8(0.0f), size};
+    table_t t = {splat8(0.0f), splat8(0.0f)};
     if (!positive) return t;
     t.low = exp2_8(splat8(log_top) - splat8(step) * low_k);
     if (size > 8) t.high = exp2_8(splat8(log_top) - splat8(step) * high_k);
@@ -547,7 +548,7 @@ static void decode_group(const state_t *s, int64_t first, int count, int64_t blo
                                   ? log_table(log_top[b], step[b], positive[b], last + 1)
                                   : codebook_table(s->levels, last + 1, s->scales[first + b]);
         const int64_t at = start + b * block_size;
-        decode_codes(s->codes + at * s->bits / 8, s->bits, block_size, &table, out + b * block_size);
+        decode_codes(s->codes + at * s->bits / 8, s->bits, block_size, table, out + b * block_size);
     }
 }
 
