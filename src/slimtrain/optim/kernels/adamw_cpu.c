@@ -282,69 +282,35 @@ static void pack_block(const int32_t *codes, int bits, int64_t count, uint8_t *d
 /* lanes where entry < y (entry <= y if inclusive) */
 static inline i8 entries_below(f8 entry, f8 y, int inclusive) { return inclusive ? entry <= y : entry < y; }
 
-#if defined(__AVX2__)
+/* table[index] lane by lane, index in 0 .. 7 */
 static inline f8 permute8(f8 table, i8 index) {
-    return (f8)_mm256_permutevar8x32_ps((__m256)table, (__m256i)index);
-}
-#endif
-
-/* out[i] = number of entries of sorted table[0..n) below x[i] (<= x[i] if inclusive) */
-static void count_below(const float *table, int n, const float *x, int64_t count, int inclusive,
-                        int32_t *out) {
 #if defined(__AVX2__)
-    if (n < 16) { /* a branch-free search of the table (+inf padded to 16) held in registers */
-        float padded[16], quarter[8] = {0}, even[8];
-        for (int j = 0; j < 16; ++j) padded[j] = j < n ? table[j] : INFINITY;
-        for (int j = 0; j < 4; ++j) quarter[j] = padded[4 * j + 1];
-        for (int j = 0; j < 8; ++j) even[j] = padded[2 * j];
-        const f8 quarters = load8(quarter), evens = load8(even);
-        const f8 t3 = splat8(padded[3]), t7 = splat8(padded[7]), t11 = splat8(padded[11]);
-        for (int64_t i = 0; i < count; i += 8) {
-            const f8 y = load8(x + i);
-            /* the count is in [4q, 4q + 3], q = entries 3, 7, 11 below y; then it is at least
-             * 4q + 2 exactly where entry 4q + 1 is below y (j = 2q + that), and 2j + 1 exactly where
-             * entry 2j is: a binary search whose lookups are one permute each (masks are -1) */
-            const i8 q = -entries_below(t3, y, inclusive) - entries_below(t7, y, inclusive) -
-                         entries_below(t11, y, inclusive);
-            const i8 j = q + q - entries_below(permute8(quarters, q), y, inclusive);
-            const i8 position = j + j - entries_below(permute8(evens, j), y, inclusive);
-            store8i(out + i, position);
-        }
-        return;
-    }
+    return (f8)_mm256_permutevar8x32_ps((__m256)table, (__m256i)index);
+#else
+    f8 out;
+    for (int j = 0; j < 8; ++j) out[j] = table[index[j]];
+    return out;
 #endif
-    if (n <= 16) {
-        for (int64_t i = 0; i < count; i += 8) {
-            f8 y = load8(x + i);
-            i8 c = {0};
-            for (int j = 0; j < n; ++j) c -= entries_below(splat8(table[j]), y, inclusive);
-            store8i(out + i, c);
-        }
-        return;
-    }
-    for (int64_t i = 0; i < count; ++i) out[i] = 0;
-    int size = 1;
-    while (size <= n) size *= 2; /* search a table padded with +inf to a power of two > n */
-    for (int step = size / 2; step > 0; step /= 2) {
-        for (int64_t i = 0; i < count; ++i) {
-            int probe = out[i] + step - 1;
-            float entry = probe < n ? table[probe] : INFINITY;
-            out[i] += (inclusive ? entry <= x[i] : entry < x[i]) ? step : 0;
-        }
-    }
 }
 
-/* Tables of more than 16 entries (5- to 8-bit codebooks) are searched through buckets of float
- * values: bucket b holds the floats whose order-preserving key is in [b, b + 1) << BUCKET_SHIFT
- * above -1's, so that the count of entries below any y starts at below[bucket of y] (the entries
- * in lower buckets) and needs `most` more comparisons (at most 2 for every codebook here). */
+/* A sorted table is searched for the number of its entries below each value (at or below, if
+ * inclusive). One of up to 15 entries (2- to 4-bit codebooks), +inf padded to 16, is held in
+ * registers: the count is in [4q, 4q + 3], q = entries 3, 7, 11 below y; then it is at least 4q + 2
+ * exactly where entry 4q + 1 is below y (j = 2q + that), and 2j + 1 exactly where entry 2j is: a
+ * binary search whose lookups are one permute each. Larger tables (5- to 8-bit codebooks) are
+ * searched through buckets of float values: bucket b holds the floats whose order-preserving key
+ * is in [b, b + 1) << BUCKET_SHIFT above -1's, so that the count of entries below any y starts at
+ * below[bucket of y] (the entries in lower buckets) and needs `most` more comparisons (at most 2
+ * for every codebook here). */
+#define SMALL_TABLE 15
 #define BUCKET_SHIFT 18
 #define BUCKETS 8192
 
 typedef struct {
     int n, most;                /* entries (<= 255), and the most in one bucket */
     float table[256];           /* the n sorted entries, then +inf */
-    uint8_t below[BUCKETS + 4]; /* entries in lower buckets; 4 bytes readable from each */
+    float quarter[8], even[8];  /* n <= SMALL_TABLE: entries 4k + 1 (k < 4), entries 2k */
+    uint8_t below[BUCKETS + 4]; /* n > SMALL_TABLE: entries in lower buckets; 4 bytes readable from each */
 } search_t;
 
 /* the buckets of 8 values */
@@ -360,8 +326,13 @@ static inline u8v buckets_of8(f8 y) {
 static void prepare_search(const float *table, int n, search_t *out) {
     out->n = n;
     out->most = 0;
-    memset(out->below, 0, sizeof out->below);
     for (int j = 0; j < 256; ++j) out->table[j] = j < n ? table[j] : INFINITY;
+    for (int k = 0; k < 8; ++k) {
+        out->quarter[k] = k < 4 ? out->table[4 * k + 1] : 0.0f;
+        out->even[k] = out->table[2 * k];
+    }
+    if (n <= SMALL_TABLE) return;
+    memset(out->below, 0, sizeof out->below);
     for (int j = 0, run = 0, previous = -1; j < n; ++j) {
         const int b = (int)buckets_of8(splat8(table[j]))[0];
         if (b + 1 < BUCKETS) out->below[b + 1] += 1; /* counts per bucket, summed below */
@@ -372,9 +343,21 @@ static void prepare_search(const float *table, int n, search_t *out) {
     for (int b = 1; b < BUCKETS; ++b) out->below[b] = (uint8_t)(out->below[b] + out->below[b - 1]);
 }
 
-/* count_below of x[0 .. count) (a multiple of 8) in a prepared table */
-static void count_below_buckets(const search_t *s, const float *x, int64_t count, int inclusive,
-                                int32_t *out) {
+/* out[i] = the number of entries of the prepared table below x[i] (<= x[i] if inclusive), for
+ * x[0 .. count) (a multiple of 8) */
+static void count_below(const search_t *s, const float *x, int64_t count, int inclusive, int32_t *out) {
+    if (s->n <= SMALL_TABLE) {
+        const f8 quarters = load8(s->quarter), evens = load8(s->even);
+        const f8 t3 = splat8(s->table[3]), t7 = splat8(s->table[7]), t11 = splat8(s->table[11]);
+        for (int64_t i = 0; i < count; i += 8) {
+            const f8 y = load8(x + i); /* masks are -1 */
+            const i8 q = -entries_below(t3, y, inclusive) - entries_below(t7, y, inclusive) -
+                         entries_below(t11, y, inclusive);
+            const i8 j = q + q - entries_below(permute8(quarters, q), y, inclusive);
+            store8i(out + i, j + j - entries_below(permute8(evens, j), y, inclusive));
+        }
+        return;
+    }
     for (int64_t i = 0; i < count; i += 8) {
         const f8 y = load8(x + i);
         const u8v bucket = buckets_of8(y);
@@ -443,7 +426,7 @@ static void decode_codes(const uint8_t *src, int bits, int64_t count, table_t t,
  * with one block per vector lane. */
 #define GROUP 8
 
-/* log_x: GROUP blocks; codes, counts: one; search: the state's prepared codebook table, or NULL */
+/* log_x: GROUP blocks; codes, counts: one; search: a codebook state's prepared table, else NULL */
 typedef struct { float *log_x; int32_t *codes, *counts; const search_t *search; } scratch_t;
 
 static inline int64_t valid_in(int64_t numel, int64_t block, int64_t block_size) {
@@ -554,7 +537,6 @@ static void decode_group(const state_t *s, int64_t first, int count, int64_t blo
 
 static void encode_codebook(const state_t *s, int64_t block, int64_t block_size, const float *x,
                             const scratch_t *w) {
-    int n = 1 << s->bits;
     f8 lane_max = splat8(0.0f);
     for (int64_t i = 0; i < block_size; i += 8)
         lane_max = max8((f8)((i8)load8(x + i) & 0x7FFFFFFF), lane_max); /* |x| */
@@ -565,12 +547,10 @@ static void encode_codebook(const state_t *s, int64_t block, int64_t block_size,
     float *y = w->log_x;
     for (int64_t i = 0; i < block_size; ++i) y[i] = (x[i] * boost) * inverse;
     if (!s->stochastic) {
-        if (w->search) count_below_buckets(w->search, y, block_size, 0, w->codes);
-        else count_below(s->mids, n - 1, y, block_size, 0, w->codes);
+        count_below(w->search, y, block_size, 0, w->codes);
     } else {
         int64_t start = block * block_size;
-        if (w->search) count_below_buckets(w->search, y, block_size, 1, w->counts);
-        else count_below(s->levels + 1, n - 2, y, block_size, 1, w->counts);
+        count_below(w->search, y, block_size, 1, w->counts);
         for (int64_t i = 0; i < block_size; ++i) {
             int low = w->counts[i];
             float low_level = s->levels[low];
@@ -849,12 +829,11 @@ static inline f8 weight_encode8(f8 y, const f8 *noise, uint8_t *codes, int64_t a
 
 /* ------------------------------------------------------------------------- workspaces */
 /* What one kernel call allocates: `floats` floats for the caller, then the scratch of m and v
- * (shared buffers; each state's codebook search prepared when its table has more than 16
- * entries). */
+ * (shared buffers; each codebook state's search prepared). */
 typedef struct { float *floats; int32_t *ints; search_t *searches; scratch_t m, v; } workspace_t;
 
 static scratch_t scratch_for(const state_t *s, scratch_t shared, search_t *search) {
-    if (s->kind == KIND_CODEBOOK && s->bits > 4) {
+    if (s->kind == KIND_CODEBOOK) {
         if (s->stochastic) prepare_search(s->levels + 1, (1 << s->bits) - 2, search);
         else prepare_search(s->mids, (1 << s->bits) - 1, search);
         shared.search = search;
