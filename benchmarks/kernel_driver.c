@@ -58,10 +58,21 @@ int main(int argc, char **argv) {
                       .quantile = 0.1f, .codes = calloc((size_t)n, 1), .scales = calloc((size_t)(2 * blocks), 4)};
     }
     const adamw_scalars_t scalars = {0.9999f, 0.1f, 0.999f, 0.001f, 1e-8f, 1.0f, -1e-3f, 0};
+    /* FP8=1: the parameter is a (n / 1024, 1024) float8 E4M3 weight with row scales, updated
+     * with ECO and stochastic rounding (random codes, NaN codes excluded, scales 1/448) */
+    const int fp8 = getenv("FP8") && atoi(getenv("FP8"));
+    const int64_t cols = 1024, rows = n / cols;
+    weight_t weight = {.rows = rows, .cols = cols, .group = cols, .format = WEIGHT_FLOAT8,
+                       .mantissa_bits = 3, .exponent_bias = 7, .max = 448.0f, .stochastic = 1,
+                       .key = 7, .eco = 1, .eco_scale = -900.0f, .codes = malloc((size_t)n),
+                       .scales = malloc((size_t)rows * 4)};
+    for (int64_t i = 0; i < n; ++i) weight.codes[i] = (uint8_t)((int)((uniform() + 1.0f) * 127.0f) % 127);
+    for (int64_t r = 0; r < rows; ++r) weight.scales[r] = 1.0f / 448.0f;
     double best = 1e9, total = 0;
     for (int r = 0; r < reps; ++r) {
         const double start = seconds();
-        adamw_step_blocks(n, block, 0, blocks, param, grad, &m, &v, &scalars);
+        if (fp8) adamw_step_weight_rows(1, block, 0, rows, &weight, grad, &m, &v, &scalars); /* a row per unit */
+        else adamw_step_blocks(n, block, 0, blocks, param, grad, &m, &v, &scalars);
         const double took = seconds() - start;
         total += took;
         best = took < best ? took : best;
@@ -71,9 +82,10 @@ int main(int argc, char **argv) {
     for (int64_t i = 0; i < n; ++i) {
         uint32_t b;
         memcpy(&b, param + i, 4);
-        hash = hash * 31 + b;
+        hash = hash * 31 + (fp8 ? weight.codes[i] : b);
     }
-    printf("m %d bits, v %d bits (%s): best %.3f ns/param, mean %.3f; parameter hash %08x\n", m_bits,
+    printf("%sm %d bits, v %d bits (%s): best %.3f ns/param, mean %.3f; parameter hash %08x\n",
+           fp8 ? "FP8 + ECO (SR), " : "", m_bits,
            v_bits, v_stochastic ? "SR" : "RTN", best * 1e9 / (double)n, total / reps * 1e9 / (double)n, hash);
     return 0;
 }

@@ -512,12 +512,6 @@ static void decode_group_elements(const state_t *s, int64_t first, int count, in
 static void decode_group(const state_t *s, int64_t first, int count, int64_t block_size,
                          int64_t numel, float *out) {
     const int64_t start = first * block_size;
-    if (s->kind == KIND_FLOAT) {
-        int64_t valid = numel - start < count * block_size ? numel - start : count * block_size;
-        memcpy(out, s->values + start, (size_t)valid * sizeof(float));
-        for (int64_t i = valid; i < count * block_size; ++i) out[i] = 0.0f;
-        return;
-    }
     const int last = (1 << s->bits) - 1;
     if (last >= TABLE_LEVELS) { /* more levels than fit in registers: decode each element */
         decode_group_elements(s, first, count, block_size, out);
@@ -659,27 +653,27 @@ static void encode_log_group(const state_t *s, int64_t first, int count, int64_t
  * floats, zeros past numel) */
 static void encode_group(const state_t *s, int64_t first, int count, int64_t block_size,
                          int64_t numel, const float *x, const scratch_t *w) {
-    const int64_t start = first * block_size;
-    if (s->kind == KIND_FLOAT) {
-        int64_t valid = numel - start < count * block_size ? numel - start : count * block_size;
-        memcpy(s->values + start, x, (size_t)valid * sizeof(float));
-    } else if (s->kind == KIND_CODEBOOK) {
+    if (s->kind == KIND_CODEBOOK) {
         for (int b = 0; b < count; ++b) encode_codebook(s, first + b, block_size, x + b * block_size, w);
     } else {
         encode_log_group(s, first, count, block_size, numel, x, w);
     }
 }
 
-/* decode (encode) blocks first .. first + count - 1, any count, group by group */
+/* decode (encode) blocks first .. first + count - 1 of a quantized state, any count, group by
+ * group; a float32 state is updated in place (see state_floats), so there is nothing to do */
 static void decode_blocks(const state_t *s, int64_t first, int64_t count, int64_t block_size,
                           int64_t numel, float *out) {
+    if (s->kind == KIND_FLOAT) return;
     for (int64_t b = 0; b < count; b += GROUP)
         decode_group(s, first + b, count - b < GROUP ? (int)(count - b) : GROUP, block_size, numel,
                      out + b * block_size);
 }
 
 static void encode_blocks(const state_t *s, int64_t first, int64_t count, int64_t block_size,
-                          int64_t numel, const float *x, const scratch_t *w) {
+                          int64_t numel, float *x, const scratch_t *w) {
+    if (s->kind == KIND_FLOAT) return;
+    for (int64_t i = numel - first * block_size; i < count * block_size; ++i) x[i] = 0.0f; /* padding */
     for (int64_t b = 0; b < count; b += GROUP)
         encode_group(s, first + b, count - b < GROUP ? (int)(count - b) : GROUP, block_size, numel,
                      x + b * block_size, w);
@@ -863,14 +857,10 @@ static int open_workspace(workspace_t *w, int64_t floats, int64_t block_size, co
     return 0;
 }
 
-/* m_buf and v_buf (blocks whole blocks from block `first`) encoded into m and v, their elements
- * from `valid` on zeroed first (the tensor's padding) */
-static void encode_states(const state_t *m, const state_t *v, const workspace_t *w, int64_t first,
-                          int64_t blocks, int64_t block_size, int64_t numel, int64_t valid,
-                          float *m_buf, float *v_buf) {
-    for (int64_t i = valid; i < blocks * block_size; ++i) m_buf[i] = v_buf[i] = 0.0f;
-    encode_blocks(m, first, blocks, block_size, numel, m_buf, &w->m);
-    encode_blocks(v, first, blocks, block_size, numel, v_buf, &w->v);
+/* Where a state's values for the elements from `start` are updated: a float32 state's own values
+ * (in place), else the buffer its blocks are decoded into and encoded from */
+static float *state_floats(const state_t *s, int64_t start, float *buffer) {
+    return s->kind == KIND_FLOAT ? s->values + start : buffer;
 }
 
 /* ------------------------------------------------------------------------------ the step */
@@ -918,10 +908,12 @@ int adamw_step_blocks(int64_t numel, int64_t block_size, int64_t first_block, in
         const int count = last_block - first < GROUP ? (int)(last_block - first) : GROUP;
         const int64_t start = first * block_size;
         const int64_t valid = numel - start < count * block_size ? numel - start : count * block_size;
-        decode_blocks(m, first, count, block_size, numel, m_buf);
-        decode_blocks(v, first, count, block_size, numel, v_buf);
-        adamw_update(param + start, grad + start, m_buf, v_buf, valid, k, NULL);
-        encode_states(m, v, &w, first, count, block_size, numel, valid, m_buf, v_buf);
+        float *m_values = state_floats(m, start, m_buf), *v_values = state_floats(v, start, v_buf);
+        decode_blocks(m, first, count, block_size, numel, m_values);
+        decode_blocks(v, first, count, block_size, numel, v_values);
+        adamw_update(param + start, grad + start, m_values, v_values, valid, k, NULL);
+        encode_blocks(m, first, count, block_size, numel, m_values, &w.m);
+        encode_blocks(v, first, count, block_size, numel, v_values, &w.v);
     }
     close_workspace(&w);
     return 0;
@@ -955,11 +947,12 @@ int adamw_step_weight_rows(int64_t rows_per_unit, int64_t block_size, int64_t fi
         const int64_t row_count = f->rows - first_row < rows_per_unit ? f->rows - first_row : rows_per_unit;
         const int64_t count = row_count * cols, first_block = start / block_size;
         const int64_t blocks = (count + block_size - 1) / block_size;
-        decode_blocks(m, first_block, blocks, block_size, numel, m_all);
-        decode_blocks(v, first_block, blocks, block_size, numel, v_all);
+        float *m_values = state_floats(m, start, m_all), *v_values = state_floats(v, start, v_all);
+        decode_blocks(m, first_block, blocks, block_size, numel, m_values);
+        decode_blocks(v, first_block, blocks, block_size, numel, v_values);
         for (int64_t r = 0; r < row_count; ++r) {
             const int64_t row = first_row + r;
-            float *w_row = w_all + r * cols, *m_row = m_all + r * cols, *v_row = v_all + r * cols;
+            float *w_row = w_all + r * cols, *m_row = m_values + r * cols, *v_row = v_values + r * cols;
             float *scales = f->scales + row * groups_per_row;
             for (int64_t g = 0; g < groups_per_row; ++g) {
                 const int64_t at = row * cols + g * group;
@@ -986,7 +979,8 @@ int adamw_step_weight_rows(int64_t rows_per_unit, int64_t block_size, int64_t fi
             if (eco) /* m += (eco_scale * denominator) * error: ECO */
                 for (int64_t i = 0; i < cols; ++i) m_row[i] = m_row[i] + eco_scale * denominators[i] * w_row[i];
         }
-        encode_states(m, v, &w, first_block, blocks, block_size, numel, count, m_all, v_all);
+        encode_blocks(m, first_block, blocks, block_size, numel, m_values, &w.m);
+        encode_blocks(v, first_block, blocks, block_size, numel, v_values, &w.v);
     }
     close_workspace(&w);
     return 0;
