@@ -507,10 +507,9 @@ static void decode_group_elements(const state_t *s, int64_t first, int count, in
     }
 }
 
-/* blocks first .. first + count - 1 (count <= GROUP) of state s into out (count * block_size
- * floats; elements past numel read as 0) */
-static void decode_group(const state_t *s, int64_t first, int count, int64_t block_size,
-                         int64_t numel, float *out) {
+/* blocks first .. first + count - 1 (count <= GROUP) of quantized state s into out (count *
+ * block_size floats, padding past the tensor's end included) */
+static void decode_group(const state_t *s, int64_t first, int count, int64_t block_size, float *out) {
     const int64_t start = first * block_size;
     const int last = (1 << s->bits) - 1;
     if (last >= TABLE_LEVELS) { /* more levels than fit in registers: decode each element */
@@ -663,10 +662,10 @@ static void encode_group(const state_t *s, int64_t first, int count, int64_t blo
 /* decode (encode) blocks first .. first + count - 1 of a quantized state, any count, group by
  * group; a float32 state is updated in place (see state_floats), so there is nothing to do */
 static void decode_blocks(const state_t *s, int64_t first, int64_t count, int64_t block_size,
-                          int64_t numel, float *out) {
+                          float *out) {
     if (s->kind == KIND_FLOAT) return;
     for (int64_t b = 0; b < count; b += GROUP)
-        decode_group(s, first + b, count - b < GROUP ? (int)(count - b) : GROUP, block_size, numel,
+        decode_group(s, first + b, count - b < GROUP ? (int)(count - b) : GROUP, block_size,
                      out + b * block_size);
 }
 
@@ -876,23 +875,29 @@ static update_constants_t constants_of(const adamw_scalars_t *c) {
     return k;
 }
 
-/* the AdamW rule of slimtrain.optim.functional.adamw_update_(reproducible=True) on `count`
- * elements; p, m, v are private buffers or the parameter itself (no aliasing between them) */
-static inline void adamw_update(float *restrict p, const float *restrict grad, float *restrict m,
-                                float *restrict v, int64_t count, update_constants_t k,
-                                float *restrict denominators /* NULL, or where to keep them */) {
-    for (int64_t i = 0; i < count; ++i) {
-        float g = k.maximize ? -grad[i] : grad[i];
-        float mi = m[i];
-        mi = mi + (g - mi) * k.w;
-        float vi = v[i] * k.beta2;
-        vi = vi + k.one_minus_beta2 * g * g;
-        float denom = sqrtf(vi) * k.inverse_correction + k.eps;
-        p[i] = p[i] * k.decay + k.neg_step_size * mi / denom;
-        m[i] = mi;
-        v[i] = vi;
-        if (denominators) denominators[i] = denom;
-    }
+/* the AdamW rule of slimtrain.optim.functional.adamw_update_(reproducible=True) on n <= 8
+ * elements: the parameter's values p in, its new values out; m and v (and the denominators, unless
+ * NULL) read and written at their pointers */
+static inline __attribute__((always_inline)) f8 adamw_update8(f8 p, const float *grad, float *m,
+                                                              float *v, int64_t n, update_constants_t k,
+                                                              float *denominators) {
+    f8 g = load_part(grad, n);
+    g = k.maximize ? -g : g;
+    f8 mi = load_part(m, n);
+    mi = mi + (g - mi) * k.w;
+    f8 vi = load_part(v, n) * k.beta2;
+    vi = vi + k.one_minus_beta2 * g * g;
+#if defined(__AVX__)
+    const f8 root = (f8)_mm256_sqrt_ps((__m256)vi);
+#else
+    f8 root;
+    for (int j = 0; j < 8; ++j) root[j] = sqrtf(vi[j]);
+#endif
+    const f8 denom = root * k.inverse_correction + k.eps;
+    store_part(m, mi, n);
+    store_part(v, vi, n);
+    if (denominators) store_part(denominators, denom, n);
+    return p * k.decay + k.neg_step_size * mi / denom;
 }
 
 int adamw_step_blocks(int64_t numel, int64_t block_size, int64_t first_block, int64_t last_block,
@@ -909,9 +914,11 @@ int adamw_step_blocks(int64_t numel, int64_t block_size, int64_t first_block, in
         const int64_t start = first * block_size;
         const int64_t valid = numel - start < count * block_size ? numel - start : count * block_size;
         float *m_values = state_floats(m, start, m_buf), *v_values = state_floats(v, start, v_buf);
-        decode_blocks(m, first, count, block_size, numel, m_values);
-        decode_blocks(v, first, count, block_size, numel, v_values);
-        adamw_update(param + start, grad + start, m_values, v_values, valid, k, NULL);
+        decode_blocks(m, first, count, block_size, m_values);
+        decode_blocks(v, first, count, block_size, v_values);
+        float *p = param + start;
+        FOR_PARTS(valid, store_part(p + i, adamw_update8(load_part(p + i, n), grad + start + i, m_values + i,
+                                                         v_values + i, n, k, NULL), n);)
         encode_blocks(m, first, count, block_size, numel, m_values, &w.m);
         encode_blocks(v, first, count, block_size, numel, v_values, &w.v);
     }
@@ -948,36 +955,37 @@ int adamw_step_weight_rows(int64_t rows_per_unit, int64_t block_size, int64_t fi
         const int64_t count = row_count * cols, first_block = start / block_size;
         const int64_t blocks = (count + block_size - 1) / block_size;
         float *m_values = state_floats(m, start, m_all), *v_values = state_floats(v, start, v_all);
-        decode_blocks(m, first_block, blocks, block_size, numel, m_values);
-        decode_blocks(v, first_block, blocks, block_size, numel, v_values);
+        decode_blocks(m, first_block, blocks, block_size, m_values);
+        decode_blocks(v, first_block, blocks, block_size, v_values);
         for (int64_t r = 0; r < row_count; ++r) {
             const int64_t row = first_row + r;
             float *w_row = w_all + r * cols, *m_row = m_values + r * cols, *v_row = v_values + r * cols;
             float *scales = f->scales + row * groups_per_row;
-            for (int64_t g = 0; g < groups_per_row; ++g) {
-                const int64_t at = row * cols + g * group;
+            for (int64_t g = 0; g < groups_per_row; ++g) { /* decode, update, quantize_weight */
+                const int64_t at = row * cols + g * group, off = g * group;
                 const f8 scale = splat8(scales[g]);
-                float *values = w_row + g * group;
-                FOR_PARTS(group, store_part(values + i, weight_decode8(codes, at + i, n, l) * scale, n);)
-            }
-            adamw_update(w_row, grad + row * cols, m_row, v_row, cols, k, eco ? denominators : NULL);
-            for (int64_t g = 0; g < groups_per_row; ++g) { /* quantize_weight: absmax scales */
-                const int64_t at = row * cols + g * group;
-                float *values = w_row + g * group;
-                f8 lane_max = splat8(0.0f);
-                FOR_PARTS(group, lane_max = max8((f8)((i8)load_part(values + i, n) & 0x7FFFFFFF), lane_max);)
+                float *values = w_row + off, *m_part = m_row + off, *d_part = denominators + off;
+                f8 lane_max = splat8(0.0f); /* of |new values|; lanes past n hold 0 */
+                FOR_PARTS(group, {
+                    const f8 updated = adamw_update8(weight_decode8(codes, at + i, n, l) * scale,
+                                                     grad + at + i, m_part + i, v_row + off + i, n, k,
+                                                     eco ? d_part + i : NULL);
+                    store_part(values + i, updated, n);
+                    lane_max = max8((f8)((i8)updated & (i8)(LANE < (uint32_t)n) & 0x7FFFFFFF), lane_max);
+                })
                 const float absmax = lanes_max(lane_max, 0.0f), new_scale = absmax / l.max;
                 const f8 divisor = splat8(new_scale > 0.0f ? new_scale : 1.0f);
                 FOR_PARTS(group, {
                     const f8 x = load_part(values + i, n);
                     const f8 noise = stochastic ? noise8(key, at + i) : splat8(0.0f);
                     const f8 stored = weight_encode8(x / divisor, stochastic ? &noise : NULL, codes, at + i, n, l);
-                    store_part(values + i, x - stored * new_scale, n); /* the rounding error */
+                    if (eco) { /* m += (eco_scale * denominator) * (x - stored * new_scale): ECO */
+                        const f8 error = x - stored * new_scale;
+                        store_part(m_part + i, load_part(m_part + i, n) + eco_scale * load_part(d_part + i, n) * error, n);
+                    }
                 })
                 scales[g] = new_scale;
             }
-            if (eco) /* m += (eco_scale * denominator) * error: ECO */
-                for (int64_t i = 0; i < cols; ++i) m_row[i] = m_row[i] + eco_scale * denominators[i] * w_row[i];
         }
         encode_blocks(m, first_block, blocks, block_size, numel, m_values, &w.m);
         encode_blocks(v, first_block, blocks, block_size, numel, v_values, &w.v);
