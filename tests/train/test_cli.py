@@ -296,6 +296,34 @@ def test_bench_ratio_is_the_median_of_steps_paired_with_fused_ones(monkeypatch):
         assert rows[name]["ratio_to_fused"] == 3.0 and rows[name]["step_ms"] == 6000.0
 
 
+def test_bench_times_each_step_after_an_untimed_one_of_its_own(monkeypatch):
+    """Caches as a loop of its own steps leaves them: in every pair, the fused step and the
+    configuration's step are each timed right after an untimed step of the same optimizer."""
+    calls = []
+
+    class Logged(torch.optim.SGD):
+        def __init__(self, params, label, **options):
+            super().__init__(params, lr=1e-3, **options)
+            self.label = label
+
+        def step(self, closure=None):
+            calls.append(self.label)
+            return super().step(closure)
+
+    def seconds(action, device):
+        calls.append("timed")
+        action()
+        return 1.0
+
+    monkeypatch.setattr(bench, "configurations", lambda: {
+        bench.BASELINE: lambda p: Logged(p, "fused"), "probe": lambda p: Logged(p, "probe")})
+    monkeypatch.setattr(bench, "_seconds", seconds)
+    bench.run_bench([4096], steps=2, warmup=1)
+    probe_part = calls[calls.index("probe") - 1:]  # from the probe's first (timed) step on
+    pair = ["fused", "timed", "fused", "probe", "timed", "probe"]
+    assert probe_part == ["timed", "probe"] + pair + pair
+
+
 def test_a_failing_peer_is_reported_and_left_out(monkeypatch, capsys):
     """A peer library that cannot run here must not end the benchmark (slimtrain's own rows must)."""
     def broken(params):

@@ -4,8 +4,9 @@ Every configuration updates one (n/1024, 1024) parameter (float32, or FP8 E4M3 w
 for the "FP8 + ECO" configurations) with a fixed random gradient. After warm-up steps (the first
 includes any compilation, reported apart) the median of timed steps is reported with its ratio
 to ``torch.optim.AdamW(fused=True)`` in the same run: each timed step follows a fused AdamW step
-timed just before it, and the ratio is the median of these pairs' ratios, so that the slow drifts
-of a shared machine cancel instead of landing between two configurations. State bytes come from the storage
+timed just before it (each of the two after an untimed step of its own), and the ratio is the
+median of these pairs' ratios, so that the slow drifts of a shared machine cancel instead of
+landing between two configurations. State bytes come from the storage
 of the optimizer's real tensors. Bytes moved per parameter is the traffic a step cannot avoid:
 read and write the parameter's storage and each state, read the float32 gradient (28 B for
 float32 AdamW, about 8 for FP8 weights with 4/2-bit states). Achieved bandwidth is that traffic
@@ -118,7 +119,10 @@ def measure(name: str, make: Callable, numel: int, warmup: int, steps: int, devi
     """Step time, first-step time and traffic of one configuration (see the module docstring),
     and its optimizer's step. With a ``baseline`` step (fused AdamW's), each timed step is paired
     with one of the baseline timed just before it: the ratio reported is the median of the pairs'
-    ratios, so that the machine's drift between configurations cancels (1.0 without one)."""
+    ratios, so that the machine's drift between configurations cancels (1.0 without one). Each
+    timed step, of either, directly follows an untimed step of the same optimizer, so that both
+    find the caches as a loop of their own steps leaves them (tensors that fit in the caches
+    would otherwise be timed cold after the other's step, and only the baseline's would be)."""
     torch.manual_seed(0)
     weight = torch.randn(numel // 1024, 1024, device=device)
     if name.startswith(FLOAT8_PREFIX):
@@ -130,8 +134,12 @@ def measure(name: str, make: Callable, numel: int, warmup: int, steps: int, devi
     for _ in range(warmup - 1):
         optimizer.step()
     times, ratios = [], []
-    for _ in range(steps):
-        reference = _seconds(baseline, device) if baseline else None
+    for _ in range(steps):  # each timed step follows an untimed one of its own (caches as in a loop)
+        reference = None
+        if baseline:
+            baseline()
+            reference = _seconds(baseline, device)
+            optimizer.step()
         times.append(_seconds(optimizer.step, device))
         ratios.append(times[-1] / reference if reference else 1.0)
     step = statistics.median(times)
