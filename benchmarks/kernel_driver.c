@@ -5,7 +5,9 @@
  *
  *   gcc -O3 -ffp-contract=off -fno-math-errno -fno-trapping-math -std=c11 -march=native \
  *       benchmarks/kernel_driver.c -o /tmp/kernel_driver -lm
- *   taskset -c 1 /tmp/kernel_driver [REPS=300] [M_BITS=4|32] [V_BITS=2..8|32] [V_STOCHASTIC=1|0]
+ *   [LOGN=20] [FP8=0|1] taskset -c 1 /tmp/kernel_driver [REPS=300] [M_BITS=4|32] [V_BITS=2..8|32] [V_STOCHASTIC=1|0]
+ *
+ * FP8=1 steps a float8 E4M3 weight (row scales, ECO, stochastic rounding) instead.
  */
 #define _POSIX_C_SOURCE 199309L
 #include <stdio.h>
