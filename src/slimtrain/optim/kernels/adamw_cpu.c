@@ -465,8 +465,8 @@ static table_t log_table(float log_top, float step, int positive, int size) {
 }
 
 /* one block of `bits`-bit codes (a constant where inlined) into values, element by element, with
- * the operations of the tables (log_table, codebook_table): exp2(log2(max) - step * code) when `levels` is NULL (the
- * logarithmic map), else levels[code] * scale */
+ * the operations of log_table and codebook_table: exp2(log2(max) - step * code) when `levels` is
+ * NULL (the logarithmic map), else levels[code] * scale */
 static inline __attribute__((always_inline)) void decode_block_elements(
     const uint8_t *codes, int bits, int64_t block_size, f8 log_top, f8 step, const float *levels,
     f8 scale, float *values) {
@@ -981,7 +981,8 @@ int adamw_step_weight_rows(int64_t rows_per_unit, int64_t block_size, int64_t fi
                     const f8 stored = weight_encode8(x / divisor, stochastic ? &noise : NULL, codes, at + i, n, l);
                     if (eco) { /* m += (eco_scale * denominator) * (x - stored * new_scale): ECO */
                         const f8 error = x - stored * new_scale;
-                        store_part(m_part + i, load_part(m_part + i, n) + eco_scale * load_part(d_part + i, n) * error, n);
+                        const f8 m_new = load_part(m_part + i, n) + eco_scale * load_part(d_part + i, n) * error;
+                        store_part(m_part + i, m_new, n);
                     }
                 })
                 scales[g] = new_scale;
