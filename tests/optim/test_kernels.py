@@ -16,12 +16,12 @@ from slimtrain.quant import elementary
 from slimtrain.quant.formats import _FLOAT8, _float8_stochastic, format_max
 
 
-def run(fused: bool, shape, steps: int = 4, device: str = "cpu", **options):
-    """``steps`` steps of st.AdamW on one parameter; the same data on every device."""
+def run(fused: bool, shape, steps: int = 4, device: str = "cpu", optimizer=st.AdamW, **options):
+    """``steps`` steps of ``optimizer`` (st.AdamW) on one parameter; the same data on every device."""
     torch.manual_seed(0)
     param = torch.nn.Parameter(torch.randn(shape).to(device))
     generator = torch.Generator().manual_seed(3)
-    opt = st.AdamW([param], lr=1e-2, seed=1, compile=fused, min_quantized_numel=0, **options)
+    opt = optimizer([param], lr=1e-2, seed=1, compile=fused, min_quantized_numel=0, **options)
     for _ in range(steps):
         param.grad = torch.randn(shape, generator=generator).to(device)
         opt.step()
@@ -50,6 +50,30 @@ def test_kernel_and_eager_agree_bit_for_bit(options, shape):
     eager_param, eager_state = run(False, shape, **options)
     assert torch.equal(fused_param, eager_param)
     assert fused_state.keys() == eager_state.keys()
+    for key in fused_state:
+        assert torch.equal(fused_state[key], eager_state[key]), key
+
+
+SGD_CONFIGURATIONS = [
+    dict(momentum=0.9, state_bits=4),
+    dict(momentum=0.9, state_bits=2, state_rounding="stochastic"),
+    dict(momentum=0.8, state_bits=8, nesterov=True, weight_decay=0.1),
+    dict(momentum=0.9, dampening=0.3, state_bits=3, maximize=True, state_maps="linear", block_size=64),
+]
+
+
+@pytest.mark.parametrize("options", SGD_CONFIGURATIONS, ids=str)
+@pytest.mark.parametrize("shape", [(300, 70), (4097,), (3, 5, 61)])
+def test_sgd_kernel_and_eager_agree_bit_for_bit(monkeypatch, options, shape):
+    """SGD's quantized momentum buffer steps in the C kernel (every step: counted) with the bits
+    of the eager step, the first step (the buffer becomes the gradient) included."""
+    calls, original = [], kernels.state_args
+    monkeypatch.setattr(kernels, "state_args", lambda *a: calls.append(a) or original(*a))
+    fused_param, fused_state = run(True, shape, optimizer=st.SGD, **options)
+    assert len(calls) == 4
+    eager_param, eager_state = run(False, shape, optimizer=st.SGD, **options)
+    assert len(calls) == 4
+    assert torch.equal(fused_param, eager_param)
     for key in fused_state:
         assert torch.equal(fused_state[key], eager_state[key]), key
 

@@ -199,7 +199,7 @@ class LowBitOptimizer(torch.optim.Optimizer):
         weight_seed = self._seed(low_precision and group["rounding"] == "stochastic")
         options = (group["maximize"], group["weight_update"] if low_precision else None)
         quantized_states = any(f.quantized for f in formats.values())
-        fused = group["compile"] and (quantized_states or low_precision)
+        fused = group["compile"] and self.compiles and (quantized_states or low_precision)
         if group["compile"] and self._fused_step(group, param, formats, state, scalars, seeds, options,
                                                  weight_seed):
             return
@@ -236,6 +236,8 @@ class LowBitOptimizer(torch.optim.Optimizer):
 
     # (update(param, grad, states, scalars, first), inject(states, error, scalars)), set by subclasses
     rules: tuple[Any, Any] = (None, None)
+    # whether steps no kernel covers go through torch.compile under compile=True (else eager)
+    compiles = True
 
     def _fused_step(
         self, group: dict[str, Any], param: torch.Tensor, formats: dict[str, StateFormat], state: dict,

@@ -61,18 +61,27 @@ def _addcdiv_(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, value: Scalar) 
 def sgd_update_(
     param: torch.Tensor, grad: torch.Tensor, momentum_buffer: torch.Tensor | None, *, first: bool,
     lr: float, momentum: float, dampening: float, weight_decay: float, nesterov: bool,
+    reproducible: bool = False,
 ) -> None:
     """One SGD step in place on ``param`` and ``momentum_buffer`` (None: no momentum).
 
     The buffer becomes the gradient on the ``first`` step, then
     buf = momentum * buf + (1 - dampening) * g, with g including coupled weight decay.
+    ``reproducible``: every product rounded apart from its sum (torch's add with alpha may fuse
+    them), as the C kernel of :mod:`slimtrain.optim.kernels` computes it.
     """
+    def plus(x: torch.Tensor, y: torch.Tensor, alpha: float) -> torch.Tensor:  # x + alpha * y
+        return x + y * alpha if reproducible else x.add(y, alpha=alpha)
+
+    def plus_(x: torch.Tensor, y: torch.Tensor, alpha: float) -> torch.Tensor:  # in place
+        return x.add_(y * alpha) if reproducible else x.add_(y, alpha=alpha)
+
     if weight_decay != 0:
-        grad = grad.add(param, alpha=weight_decay)
+        grad = plus(grad, param, weight_decay)
     if momentum_buffer is not None:
         if first:
             momentum_buffer.copy_(grad)
         else:
-            momentum_buffer.mul_(momentum).add_(grad, alpha=1 - dampening)
-        grad = grad.add(momentum_buffer, alpha=momentum) if nesterov else momentum_buffer
-    param.add_(grad, alpha=-lr)
+            plus_(momentum_buffer.mul_(momentum), grad, 1 - dampening)
+        grad = plus(grad, momentum_buffer, momentum) if nesterov else momentum_buffer
+    plus_(param, grad, -lr)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import ctypes
 from typing import Any
 
 import torch
 
+from slimtrain.optim import kernels
 from slimtrain.optim.base import LowBitOptimizer, check_choice, check_number
 from slimtrain.optim.functional import sgd_update_
 from slimtrain.optim.state import SIGNED_MAPS, STATE_BITS, StateFormat
@@ -19,7 +21,8 @@ def sgd_rule(
     """The update rule on float32 chunks (see :func:`slimtrain.optim.base.step_chunk_`)."""
     sgd_update_(param, grad, states.get("momentum_buffer"), first=first, lr=scalars["lr"],
                 momentum=scalars["momentum"], dampening=scalars["dampening"],
-                weight_decay=scalars["weight_decay"], nesterov=scalars["nesterov"])
+                weight_decay=scalars["weight_decay"], nesterov=scalars["nesterov"],
+                reproducible=scalars["reproducible"])
 
 
 def sgd_eco_injection(states: dict, error: torch.Tensor, scalars: dict) -> None:
@@ -40,6 +43,10 @@ class SGD(LowBitOptimizer):
             :class:`slimtrain.AdamW`; "eco" needs momentum > 0 and no Nesterov. Default: "eco"
             with momentum, "naive" without.
         block_size, min_quantized_numel, seed: as in :class:`slimtrain.AdamW`.
+        compile: on the CPU, a float32 parameter with a quantized momentum buffer steps in
+            slimtrain's C kernel (the bits of the eager step); every other step, and every step
+            with False, runs as eager torch code. Float32 buffers match ``torch.optim.SGD`` bit
+            for bit.
     """
 
     state_names = ("momentum_buffer",)
@@ -50,13 +57,13 @@ class SGD(LowBitOptimizer):
         weight_decay: float = 0.0, nesterov: bool = False, *, state_bits: int = 32,
         state_maps: str = "dynamic", state_rounding: str = "nearest", block_size: int = 128,
         min_quantized_numel: int = 4096, weight_update: str | None = None, rounding: str = "nearest",
-        maximize: bool = False, seed: int | None = None,
+        maximize: bool = False, seed: int | None = None, compile: bool = True,
     ) -> None:
         defaults = dict(
             lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
             nesterov=nesterov, maximize=maximize, state_bits=state_bits,
             state_maps=state_maps, state_rounding=state_rounding, block_size=block_size,
-            quantile=0.1, min_quantized_numel=min_quantized_numel, compile=False,
+            quantile=0.1, min_quantized_numel=min_quantized_numel, compile=compile,
             weight_update=weight_update or ("eco" if momentum > 0 else "naive"), rounding=rounding,
             eco_decay_correction=False,
         )
@@ -86,6 +93,7 @@ class SGD(LowBitOptimizer):
         return group["momentum"] != 0
 
     rules = (sgd_rule, sgd_eco_injection)
+    compiles = False  # no torch.compile path: its rule takes float scalars (see compile above)
 
     def _scalars(
         self, group: dict[str, Any], formats: dict[str, StateFormat], step: float, low_precision: bool
@@ -93,4 +101,34 @@ class SGD(LowBitOptimizer):
         keys = ("lr", "momentum", "dampening", "weight_decay", "nesterov")
         eco = group["weight_update"] == "eco" and group["lr"] > 0 and group["momentum"] > 0
         eco_scale = (1 - 1 / group["momentum"]) / group["lr"] if eco else 0.0
-        return {key: group[key] for key in keys} | {"eco_scale": eco_scale}
+        # quantized buffers: the rounding of the C kernel; float32 ones: torch.optim.SGD's
+        reproducible = any(f.quantized for f in formats.values())
+        return {key: group[key] for key in keys} | {"eco_scale": eco_scale, "reproducible": reproducible}
+
+    def _fused_step(
+        self, group: dict[str, Any], param: torch.Tensor, formats: dict[str, StateFormat], state: dict,
+        scalars: dict[str, Any], seeds: dict[str, int | None], options: tuple[bool, str | None],
+        weight_seed: int | None,
+    ) -> bool:
+        """The step of a contiguous float32 parameter with a quantized momentum buffer in the C
+        kernel (CPU), the bits of the eager step; False for any other (see the base class)."""
+        maximize, weight_update = options
+        fmt = formats.get("momentum_buffer")
+        grad = param.grad
+        if (fmt is None or not fmt.quantized or weight_update is not None or param.device.type != "cpu"
+                or param.dtype != torch.float32 or grad.dtype != torch.float32
+                or not param.is_contiguous() or is_low_precision(param)):
+            return False
+        library = kernels.cpu_kernels()
+        if library is None:
+            return False
+        keep_alive = [grad := grad.contiguous()]
+        buffer = kernels.state_args(state, "momentum_buffer", fmt, seeds["momentum_buffer"], keep_alive)
+        constants = ctypes.byref(kernels.SGDScalars(
+            neg_lr=-scalars["lr"], momentum=scalars["momentum"],
+            one_minus_dampening=1 - scalars["dampening"], weight_decay=scalars["weight_decay"],
+            nesterov=int(scalars["nesterov"]), maximize=int(maximize), first=int(state["step"].item() == 1),
+        ))
+        kernels.run_blocks(library.sgd_step_blocks, param.numel(), fmt.block_size, param.data_ptr(),
+                           grad.data_ptr(), ctypes.byref(buffer), constants)
+        return True

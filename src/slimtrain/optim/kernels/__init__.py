@@ -129,12 +129,27 @@ class AdamWScalars(ctypes.Structure):
     ]
 
 
+class SGDScalars(ctypes.Structure):
+    """Mirror of ``sgd_scalars_t`` in adamw_cpu.c (float32 values, as torch rounds them)."""
+
+    _fields_ = [
+        ("neg_lr", ctypes.c_float), ("momentum", ctypes.c_float),
+        ("one_minus_dampening", ctypes.c_float), ("weight_decay", ctypes.c_float),
+        ("nesterov", ctypes.c_int32), ("maximize", ctypes.c_int32), ("first", ctypes.c_int32),
+    ]
+
+
 def _declare(library: ctypes.CDLL) -> None:
     library.adamw_step_blocks.restype = ctypes.c_int
     library.adamw_step_blocks.argtypes = [
         ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
         ctypes.c_void_p, ctypes.POINTER(StateArgs), ctypes.POINTER(StateArgs),
         ctypes.POINTER(AdamWScalars),
+    ]
+    library.sgd_step_blocks.restype = ctypes.c_int
+    library.sgd_step_blocks.argtypes = [
+        ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
+        ctypes.c_void_p, ctypes.POINTER(StateArgs), ctypes.POINTER(SGDScalars),
     ]
     library.float8_stochastic_codes.restype = None
     library.float8_stochastic_codes.argtypes = [

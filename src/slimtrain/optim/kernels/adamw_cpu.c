@@ -40,6 +40,11 @@ typedef struct {
     int32_t maximize;
 } adamw_scalars_t;
 
+typedef struct {
+    float neg_lr, momentum, one_minus_dampening, weight_decay;
+    int32_t nesterov, maximize, first; /* first: the buffer becomes the gradient */
+} sgd_scalars_t;
+
 /* ------------------------------------------------------------------ counter-based noise */
 static inline uint32_t mix32(uint32_t x) {
     x = ((x >> 16) ^ x) * 0x45D9F3Bu;
@@ -842,7 +847,7 @@ static void close_workspace(workspace_t *w) {
 
 /* 0, or 2 when memory runs out */
 static int open_workspace(workspace_t *w, int64_t floats, int64_t block_size, const state_t *m,
-                          const state_t *v) {
+                          const state_t *v /* NULL: one state */) {
     w->floats = malloc((size_t)(floats + GROUP * block_size) * sizeof(float));
     w->ints = malloc((size_t)(2 * block_size) * sizeof(int32_t));
     w->searches = malloc(2 * sizeof(search_t));
@@ -852,7 +857,7 @@ static int open_workspace(workspace_t *w, int64_t floats, int64_t block_size, co
     }
     const scratch_t shared = {w->floats + floats, w->ints, w->ints + block_size, NULL};
     w->m = scratch_for(m, shared, w->searches);
-    w->v = scratch_for(v, shared, w->searches + 1);
+    w->v = v ? scratch_for(v, shared, w->searches + 1) : shared;
     return 0;
 }
 
@@ -921,6 +926,41 @@ int adamw_step_blocks(int64_t numel, int64_t block_size, int64_t first_block, in
                                                          v_values + i, n, k, NULL), n);)
         encode_blocks(m, first, count, block_size, numel, m_values, &w.m);
         encode_blocks(v, first, count, block_size, numel, v_values, &w.v);
+    }
+    close_workspace(&w);
+    return 0;
+}
+
+/* the SGD rule of slimtrain.optim.functional.sgd_update_(reproducible=True) with a momentum buffer
+ * on n <= 8 elements: the parameter's values p in, its new values out; the buffer read (unless
+ * first) and written at its pointer */
+static inline __attribute__((always_inline)) f8 sgd_update8(f8 p, const float *grad, float *buffer,
+                                                            int64_t n, sgd_scalars_t k) {
+    f8 g = load_part(grad, n);
+    g = k.maximize ? -g : g;
+    if (k.weight_decay != 0.0f) g = g + p * k.weight_decay;
+    const f8 b = k.first ? g : load_part(buffer, n) * k.momentum + g * k.one_minus_dampening;
+    store_part(buffer, b, n);
+    return p + (k.nesterov ? g + b * k.momentum : b) * k.neg_lr;
+}
+
+/* SGD with momentum on blocks first_block .. last_block - 1 of a float32 parameter (numel
+ * elements): decode the buffer's blocks group by group, update, encode, as adamw_step_blocks */
+int sgd_step_blocks(int64_t numel, int64_t block_size, int64_t first_block, int64_t last_block,
+                    float *param, const float *grad, const state_t *buffer, const sgd_scalars_t *c) {
+    if (block_size <= 0 || block_size % 8 || block_size > 65536) return 1;
+    const int64_t span = GROUP * block_size;
+    workspace_t w;
+    if (open_workspace(&w, span, block_size, buffer, NULL)) return 2;
+    const sgd_scalars_t k = *c;
+    for (int64_t first = first_block; first < last_block; first += GROUP) {
+        const int count = last_block - first < GROUP ? (int)(last_block - first) : GROUP;
+        const int64_t start = first * block_size;
+        const int64_t valid = numel - start < count * block_size ? numel - start : count * block_size;
+        float *values = state_floats(buffer, start, w.floats), *p = param + start;
+        if (!k.first) decode_blocks(buffer, first, count, block_size, values);
+        FOR_PARTS(valid, store_part(p + i, sgd_update8(load_part(p + i, n), grad + start + i, values + i, n, k), n);)
+        encode_blocks(buffer, first, count, block_size, numel, values, &w.m);
     }
     close_workspace(&w);
     return 0;
