@@ -89,6 +89,11 @@ def configurations() -> dict[str, Callable]:
     for bits in [(32, 32), (4, 2)]:
         configs[f"{FLOAT8_PREFIX}{bits}"] = lambda p, bits=bits: st.AdamW(
             p, lr=1e-3, state_bits=bits, weight_update="eco", rounding="stochastic")
+    # SGD with momentum 0.9, against the same fused AdamW yardstick
+    configs["torch SGD fused"] = lambda p: torch.optim.SGD(p, lr=1e-3, momentum=0.9, fused=True)
+    for bits in [32, 8, 4]:
+        configs[f"st.SGD momentum {bits}-bit"] = lambda p, bits=bits: st.SGD(
+            p, lr=1e-3, momentum=0.9, state_bits=bits)
     return configs | peers()
 
 
