@@ -245,11 +245,16 @@ def test_weight_kernel_is_the_path_taken(monkeypatch, options):
     assert len(calls) == 2
 
 
-def test_float32_states_take_torchs_fused_kernel(monkeypatch):
-    calls, original = [], torch._fused_adamw_
-    monkeypatch.setattr(torch, "_fused_adamw_", lambda *a, **k: calls.append(1) or original(*a, **k))
+@pytest.mark.parametrize("kernel, make", [
+    ("_fused_adamw_", lambda p: st.AdamW(p, lr=1e-2)),
+    ("_fused_sgd_", lambda p: st.SGD(p, lr=1e-2, momentum=0.9)),
+    ("_fused_sgd_", lambda p: st.SGD(p, lr=1e-2)),
+], ids=["adamw", "sgd-momentum", "sgd"])
+def test_float32_states_take_torchs_fused_kernel(monkeypatch, kernel, make):
+    calls, original = [], getattr(torch, kernel)
+    monkeypatch.setattr(torch, kernel, lambda *a, **k: calls.append(1) or original(*a, **k))
     param = torch.nn.Parameter(torch.randn(64, 80))
-    optimizer = st.AdamW([param], lr=1e-2)
+    optimizer = make([param])
     for _ in range(3):
         param.grad = torch.randn_like(param)
         optimizer.step()

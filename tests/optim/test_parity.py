@@ -47,10 +47,14 @@ def test_fused_and_single_tensor_paths_differ_only_by_rounding():
     [dict(momentum=0.9), dict(momentum=0.9, nesterov=True, weight_decay=1e-3),
      dict(momentum=0.5, dampening=0.3, weight_decay=1e-2), dict(momentum=0.0)],
 )
-def test_sgd_matches_torch_bitwise(kwargs):
+@pytest.mark.parametrize("maximize", [False, True])
+@pytest.mark.parametrize("compile", [True, False])
+def test_sgd_matches_torch_bitwise(kwargs, maximize, compile):
+    """compile=True runs torch's fused kernel (fused=True's bits), compile=False the
+    single-tensor path (the default's bits)."""
     ref, ours = make_model(), make_model()
-    opt_ref = torch.optim.SGD(groups(ref, lr=0.02), lr=0.05, **kwargs)
-    opt_ours = st.SGD(groups(ours, lr=0.02), lr=0.05, **kwargs)
+    opt_ref = torch.optim.SGD(groups(ref, lr=0.02), lr=0.05, fused=compile, maximize=maximize, **kwargs)
+    opt_ours = st.SGD(groups(ours, lr=0.02), lr=0.05, compile=compile, maximize=maximize, **kwargs)
     sched_ref = torch.optim.lr_scheduler.StepLR(opt_ref, 10, 0.5)
     sched_ours = torch.optim.lr_scheduler.StepLR(opt_ours, 10, 0.5)
     data = batches(30)

@@ -8,14 +8,13 @@ from typing import Any
 import torch
 
 from slimtrain.optim import kernels
-from slimtrain.optim.base import LowBitOptimizer, as_pair, check_adam_options, check_choice
+from slimtrain.optim.base import LowBitOptimizer, as_pair, check_adam_options, check_choice, plain_float32
 from slimtrain.optim.functional import adam_denominator, adam_step_scalars, adamw_update_
 from slimtrain.optim.state import SIGNED_MAPS, STATE_BITS, UNSIGNED_MAPS, StateFormat, scaled_beta
 from slimtrain.quant import ROUNDING_MODES
 from slimtrain.weights.tensor import QuantizedWeight, is_low_precision
 
 BETA1_POLICIES = ("scaled", "fixed")
-FUSED_DEVICES = ("cpu", "cuda")  # where torch's fused AdamW runs float32 states
 
 
 
@@ -44,9 +43,7 @@ def torch_fused_step(param: torch.Tensor, state: dict, group: dict[str, Any], ma
     eps and weight decay, through torch's fused AdamW kernel (CPU or GPU; ``state["step"]``
     already advanced); False where this torch has none."""
     fused = getattr(torch, "_fused_adamw_", None)
-    if (fused is None or param.device.type not in FUSED_DEVICES
-            or type(param) not in (torch.Tensor, torch.nn.Parameter) or not param.is_contiguous()
-            or not param.grad.is_contiguous()):
+    if fused is None or not plain_float32(param):
         return False
     step = state["step"].to(param.device)  # a copy on a GPU, where torch's kernel reads it
     fused([param], [param.grad], [state["exp_avg"]], [state["exp_avg_sq"]], [], [step],

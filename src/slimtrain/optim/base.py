@@ -367,6 +367,18 @@ def step_chunk_(
         write_state(views, name, fmt, values[name], seeds[name], noise_start)
 
 
+FUSED_DEVICES = ("cpu", "cuda")  # where torch's fused AdamW and SGD step float32 states
+
+
+def plain_float32(param: torch.Tensor) -> bool:
+    """Whether ``param`` and its gradient are plain contiguous float32 tensors on a device of
+    torch's fused optimizers (what their kernels take)."""
+    grad = param.grad
+    return (param.device.type in FUSED_DEVICES and type(param) in (torch.Tensor, torch.nn.Parameter)
+            and param.dtype == grad.dtype == torch.float32 and param.is_contiguous()
+            and grad.is_contiguous())
+
+
 _compiled_step_chunk = None
 COMPILE_LIMIT = 64
 # devices whose low-precision weights (those no kernel covers) step eagerly: on a CPU, compiling

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from slimtrain.optim import kernels
-from slimtrain.optim.base import LowBitOptimizer, check_choice, check_number
+from slimtrain.optim.base import LowBitOptimizer, check_choice, check_number, plain_float32
 from slimtrain.optim.functional import sgd_update_
 from slimtrain.optim.state import SIGNED_MAPS, STATE_BITS, StateFormat
 from slimtrain.quant import ROUNDING_MODES
@@ -23,6 +23,21 @@ def sgd_rule(
                 momentum=scalars["momentum"], dampening=scalars["dampening"],
                 weight_decay=scalars["weight_decay"], nesterov=scalars["nesterov"],
                 reproducible=scalars["reproducible"])
+
+
+def torch_fused_step(param: torch.Tensor, state: dict, scalars: dict, maximize: bool) -> bool:
+    """The step of a plain float32 ``param`` with a float32 momentum buffer (or none) through
+    torch's fused SGD kernel (CPU or GPU; ``state["step"]`` already advanced): the bits of
+    ``torch.optim.SGD(fused=True)``; False where this torch has none."""
+    fused = getattr(torch, "_fused_sgd_", None)
+    if fused is None or not plain_float32(param):
+        return False
+    buffer = state.get("momentum_buffer")
+    fused([param], [param.grad], [] if buffer is None else [buffer], weight_decay=scalars["weight_decay"],
+          momentum=scalars["momentum"], lr=scalars["lr"], dampening=scalars["dampening"],
+          nesterov=scalars["nesterov"], maximize=maximize,
+          is_first_step=buffer is not None and state["step"].item() == 1, grad_scale=None, found_inf=None)
+    return True
 
 
 def sgd_eco_injection(states: dict, error: torch.Tensor, scalars: dict) -> None:
@@ -43,10 +58,11 @@ class SGD(LowBitOptimizer):
             :class:`slimtrain.AdamW`; "eco" needs momentum > 0 and no Nesterov. Default: "eco"
             with momentum, "naive" without.
         block_size, min_quantized_numel, seed: as in :class:`slimtrain.AdamW`.
-        compile: on the CPU, a float32 parameter with a quantized momentum buffer steps in
-            slimtrain's C kernel (the bits of the eager step); every other step, and every step
-            with False, runs as eager torch code. Float32 buffers match ``torch.optim.SGD`` bit
-            for bit.
+        compile: a float32 parameter with a float32 buffer (or none) steps through torch's fused
+            SGD kernel (the bits of ``torch.optim.SGD(fused=True)``); on the CPU, one with a
+            quantized buffer in slimtrain's C kernel (the bits of the eager step); every other
+            step, and every step with False, runs as eager torch code (float32 buffers: the bits
+            of ``torch.optim.SGD()``).
     """
 
     state_names = ("momentum_buffer",)
@@ -110,11 +126,15 @@ class SGD(LowBitOptimizer):
         scalars: dict[str, Any], seeds: dict[str, int | None], options: tuple[bool, str | None],
         weight_seed: int | None,
     ) -> bool:
-        """The step of a contiguous float32 parameter with a quantized momentum buffer in the C
-        kernel (CPU), the bits of the eager step; False for any other (see the base class)."""
+        """The step of a float32 parameter: with a float32 momentum buffer (or none) through
+        torch's fused SGD kernel (the bits of ``torch.optim.SGD(fused=True)``); with a quantized
+        one, contiguous and on the CPU, in the C kernel (the bits of the eager step). False for
+        any other (see the base class)."""
         maximize, weight_update = options
         fmt = formats.get("momentum_buffer")
         grad = param.grad
+        if weight_update is None and (fmt is None or fmt.bits == 32):
+            return torch_fused_step(param, state, scalars, maximize)
         if (fmt is None or not fmt.quantized or weight_update is not None or param.device.type != "cpu"
                 or param.dtype != torch.float32 or grad.dtype != torch.float32
                 or not param.is_contiguous() or is_low_precision(param)):
