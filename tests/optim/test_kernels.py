@@ -173,14 +173,14 @@ def test_threads_split_blocks_without_changing_results():
 
 
 def run_weight(fused: bool, shape, fmt: str = "fp8_e4m3", steps: int = 4, device: str = "cpu",
-               granularity: str = "row", group_size: int = 32, **options):
+               granularity: str = "row", group_size: int = 32, optimizer=st.AdamW, **options):
     """As :func:`run` for a quantized weight (float8 with row scales by default)."""
     torch.manual_seed(0)
     start = (torch.randn(shape) * 0.05).to(device)
     weight = st.QuantizedWeight.from_float(start, st.WeightFormat(fmt, granularity, group_size))
     param = torch.nn.Parameter(weight)
     generator = torch.Generator().manual_seed(3)
-    opt = st.AdamW([param], lr=1e-2, seed=1, compile=fused, min_quantized_numel=0, **options)
+    opt = optimizer([param], lr=1e-2, seed=1, compile=fused, min_quantized_numel=0, **options)
     for _ in range(steps):
         param.grad = (torch.randn(shape, generator=generator) * 0.1).to(device)
         opt.step()
@@ -207,6 +207,33 @@ def test_float8_weight_kernel_and_eager_agree_bit_for_bit(options, shape):
     fmt = options.pop("fmt", "fp8_e4m3")
     fused, fused_state = run_weight(True, shape, fmt, **options)
     eager, eager_state = run_weight(False, shape, fmt, **options)
+    assert torch.equal(fused.codes.view(torch.uint8), eager.codes.view(torch.uint8))
+    assert torch.equal(fused.scales, eager.scales)
+    for key in fused_state:
+        assert torch.equal(fused_state[key], eager_state[key]), key
+
+
+SGD_WEIGHT_CONFIGURATIONS = [
+    dict(momentum=0.9, state_bits=32, rounding="stochastic"),  # ECO with a float32 buffer
+    dict(momentum=0.9, state_bits=4, rounding="nearest"),
+    dict(momentum=0.9, state_bits=2, rounding="stochastic", weight_decay=0.1, maximize=True),
+    dict(momentum=0.9, state_bits=8, nesterov=True, weight_update="naive", rounding="stochastic"),
+    dict(fmt="int4", granularity="group", momentum=0.9, state_bits=4, rounding="stochastic", dampening=0.2),
+]
+
+
+@pytest.mark.parametrize("options", SGD_WEIGHT_CONFIGURATIONS, ids=str)
+@pytest.mark.parametrize("shape", [(64, 256), (77, 192), (40, 64)])
+def test_sgd_weight_kernel_and_eager_agree_bit_for_bit(monkeypatch, options, shape):
+    """SGD's step of FP8 / INT4 weights (ECO or naive) in the C kernel, every step (counted): the
+    bits of the eager step."""
+    options = dict(options)
+    fmt, granularity = options.pop("fmt", "fp8_e4m3"), options.pop("granularity", "row")
+    calls, original = [], kernels.weight_args
+    monkeypatch.setattr(kernels, "weight_args", lambda *a: calls.append(a) or original(*a))
+    fused, fused_state = run_weight(True, shape, fmt, granularity=granularity, optimizer=st.SGD, **options)
+    assert len(calls) == 4
+    eager, eager_state = run_weight(False, shape, fmt, granularity=granularity, optimizer=st.SGD, **options)
     assert torch.equal(fused.codes.view(torch.uint8), eager.codes.view(torch.uint8))
     assert torch.equal(fused.scales, eager.scales)
     for key in fused_state:

@@ -12,7 +12,7 @@ from slimtrain.optim.base import LowBitOptimizer, check_choice, check_number, pl
 from slimtrain.optim.functional import sgd_update_
 from slimtrain.optim.state import SIGNED_MAPS, STATE_BITS, StateFormat
 from slimtrain.quant import ROUNDING_MODES
-from slimtrain.weights.tensor import is_low_precision
+from slimtrain.weights.tensor import QuantizedWeight, is_low_precision
 
 
 def sgd_rule(
@@ -41,8 +41,9 @@ def torch_fused_step(param: torch.Tensor, state: dict, scalars: dict, maximize: 
 
 
 def sgd_eco_injection(states: dict, error: torch.Tensor, scalars: dict) -> None:
-    """ECO for SGD with momentum: buf += (1 / lr) (1 - 1 / momentum) e."""
-    states["momentum_buffer"].add_(error, alpha=scalars["eco_scale"])
+    """ECO for SGD with momentum: buf += (1 / lr) (1 - 1 / momentum) e (the product rounded apart
+    from the sum, as the C kernel computes it)."""
+    states["momentum_buffer"].add_(error * scalars["eco_scale"])
 
 
 class SGD(LowBitOptimizer):
@@ -117,8 +118,8 @@ class SGD(LowBitOptimizer):
         keys = ("lr", "momentum", "dampening", "weight_decay", "nesterov")
         eco = group["weight_update"] == "eco" and group["lr"] > 0 and group["momentum"] > 0
         eco_scale = (1 - 1 / group["momentum"]) / group["lr"] if eco else 0.0
-        # quantized buffers: the rounding of the C kernel; float32 ones: torch.optim.SGD's
-        reproducible = any(f.quantized for f in formats.values())
+        # quantized buffers or weights: the rounding of the C kernel; float32 ones: torch.optim.SGD's
+        reproducible = low_precision or any(f.quantized for f in formats.values())
         return {key: group[key] for key in keys} | {"eco_scale": eco_scale, "reproducible": reproducible}
 
     def _fused_step(
@@ -126,18 +127,23 @@ class SGD(LowBitOptimizer):
         scalars: dict[str, Any], seeds: dict[str, int | None], options: tuple[bool, str | None],
         weight_seed: int | None,
     ) -> bool:
-        """The step of a float32 parameter: with a float32 momentum buffer (or none) through
-        torch's fused SGD kernel (the bits of ``torch.optim.SGD(fused=True)``); with a quantized
-        one, contiguous and on the CPU, in the C kernel (the bits of the eager step). False for
-        any other (see the base class)."""
+        """The step of a float32 parameter with a float32 momentum buffer (or none) through
+        torch's fused SGD kernel (the bits of ``torch.optim.SGD(fused=True)``); on the CPU, of a
+        contiguous float32 parameter with a quantized buffer, or of an FP8/INT8/INT4 weight with
+        row or group scales and a buffer ("eco" or "naive" updates), in the C kernel (the bits of
+        the eager step). False for any other (see the base class)."""
         maximize, weight_update = options
         fmt = formats.get("momentum_buffer")
         grad = param.grad
         if weight_update is None and (fmt is None or fmt.bits == 32):
             return torch_fused_step(param, state, scalars, maximize)
-        if (fmt is None or not fmt.quantized or weight_update is not None or param.device.type != "cpu"
-                or param.dtype != torch.float32 or grad.dtype != torch.float32
-                or not param.is_contiguous() or is_low_precision(param)):
+        if (fmt is None or not kernels.supported(fmt) or param.device.type != "cpu"
+                or grad.dtype != torch.float32):
+            return False
+        weight = isinstance(param, QuantizedWeight) and kernels.weight_supported(
+            param.format, param.shape, fmt.block_size, weight_update)
+        if not weight and (param.dtype != torch.float32 or not param.is_contiguous()
+                           or is_low_precision(param)):
             return False
         library = kernels.cpu_kernels()
         if library is None:
@@ -149,6 +155,13 @@ class SGD(LowBitOptimizer):
             one_minus_dampening=1 - scalars["dampening"], weight_decay=scalars["weight_decay"],
             nesterov=int(scalars["nesterov"]), maximize=int(maximize), first=int(state["step"].item() == 1),
         ))
-        kernels.run_blocks(library.sgd_step_blocks, param.numel(), fmt.block_size, param.data_ptr(),
-                           grad.data_ptr(), ctypes.byref(buffer), constants)
+        if weight:
+            args = kernels.weight_args(param, weight_seed, weight_update == "eco", scalars["eco_scale"])
+            per_unit = kernels.rows_per_unit(param.shape[1], fmt.block_size)
+            kernels.run_blocks(library.sgd_step_weight_rows, per_unit, fmt.block_size, ctypes.byref(args),
+                               grad.data_ptr(), ctypes.byref(buffer), constants,
+                               units=-(-param.shape[0] // per_unit))
+        else:
+            kernels.run_blocks(library.sgd_step_blocks, param.numel(), fmt.block_size, param.data_ptr(),
+                               grad.data_ptr(), ctypes.byref(buffer), constants)
         return True

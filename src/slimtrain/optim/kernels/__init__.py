@@ -151,6 +151,11 @@ def _declare(library: ctypes.CDLL) -> None:
         ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
         ctypes.c_void_p, ctypes.POINTER(StateArgs), ctypes.POINTER(SGDScalars),
     ]
+    library.sgd_step_weight_rows.restype = ctypes.c_int
+    library.sgd_step_weight_rows.argtypes = [
+        ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+        ctypes.POINTER(WeightArgs), ctypes.c_void_p, ctypes.POINTER(StateArgs), ctypes.POINTER(SGDScalars),
+    ]
     library.float8_stochastic_codes.restype = None
     library.float8_stochastic_codes.argtypes = [
         ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32,

@@ -972,9 +972,13 @@ int sgd_step_blocks(int64_t numel, int64_t block_size, int64_t first_block, int6
  * re-quantized with the new absmax of each scale's elements (the rounding error fed back into m
  * under ECO) and the unit's state blocks encoded, as slimtrain.optim.base.step_chunk_ does for
  * the whole weight. */
-int adamw_step_weight_rows(int64_t rows_per_unit, int64_t block_size, int64_t first_unit,
-                           int64_t last_unit, const weight_t *f, const float *grad,
-                           const state_t *m, const state_t *v, const adamw_scalars_t *c) {
+enum { RULE_ADAMW = 0, RULE_SGD = 1 };
+
+/* m is AdamW's first moment or SGD's momentum buffer; v AdamW's second moment, NULL for SGD */
+static inline __attribute__((always_inline)) int step_weight_rows(
+    int rule, int64_t rows_per_unit, int64_t block_size, int64_t first_unit, int64_t last_unit,
+    const weight_t *f, const float *grad, const state_t *m, const state_t *v,
+    const adamw_scalars_t *adamw, const sgd_scalars_t *sgd) {
     const int64_t cols = f->cols, unit = rows_per_unit * cols, group = f->group;
     if (block_size <= 0 || block_size % 8 || block_size > 65536 || unit % block_size) return 1;
     if (group <= 0 || cols % group || (f->format == WEIGHT_INT4 && group % 8)) return 1;
@@ -983,7 +987,8 @@ int adamw_step_weight_rows(int64_t rows_per_unit, int64_t block_size, int64_t fi
     float *w_all = w.floats, *m_all = w.floats + unit, *v_all = w.floats + 2 * unit;
     float *denominators = w.floats + 3 * unit;
     const int64_t numel = f->rows * cols, groups_per_row = cols / group;
-    const update_constants_t k = constants_of(c);
+    const update_constants_t k = rule == RULE_ADAMW ? constants_of(adamw) : (update_constants_t){0};
+    const sgd_scalars_t ks = rule == RULE_SGD ? *sgd : (sgd_scalars_t){0};
     const weight_layout_t l = layout_of(f);
     const int eco = f->eco, stochastic = f->stochastic;
     const float eco_scale = f->eco_scale;
@@ -994,12 +999,12 @@ int adamw_step_weight_rows(int64_t rows_per_unit, int64_t block_size, int64_t fi
         const int64_t row_count = f->rows - first_row < rows_per_unit ? f->rows - first_row : rows_per_unit;
         const int64_t count = row_count * cols, first_block = start / block_size;
         const int64_t blocks = (count + block_size - 1) / block_size;
-        float *m_values = state_floats(m, start, m_all), *v_values = state_floats(v, start, v_all);
+        float *m_values = state_floats(m, start, m_all), *v_values = v ? state_floats(v, start, v_all) : NULL;
         decode_blocks(m, first_block, blocks, block_size, m_values);
-        decode_blocks(v, first_block, blocks, block_size, v_values);
+        if (v) decode_blocks(v, first_block, blocks, block_size, v_values);
         for (int64_t r = 0; r < row_count; ++r) {
             const int64_t row = first_row + r;
-            float *w_row = w_all + r * cols, *m_row = m_values + r * cols, *v_row = v_values + r * cols;
+            float *w_row = w_all + r * cols, *m_row = m_values + r * cols, *v_row = v ? v_values + r * cols : NULL;
             float *scales = f->scales + row * groups_per_row;
             for (int64_t g = 0; g < groups_per_row; ++g) { /* decode, update, quantize_weight */
                 const int64_t at = row * cols + g * group, off = g * group;
@@ -1007,9 +1012,11 @@ int adamw_step_weight_rows(int64_t rows_per_unit, int64_t block_size, int64_t fi
                 float *values = w_row + off, *m_part = m_row + off, *d_part = denominators + off;
                 f8 lane_max = splat8(0.0f); /* of |new values|; lanes past n hold 0 */
                 FOR_PARTS(group, {
-                    const f8 updated = adamw_update8(weight_decode8(codes, at + i, n, l) * scale,
-                                                     grad + at + i, m_part + i, v_row + off + i, n, k,
-                                                     eco ? d_part + i : NULL);
+                    const f8 decoded = weight_decode8(codes, at + i, n, l) * scale;
+                    const f8 updated = rule == RULE_ADAMW
+                        ? adamw_update8(decoded, grad + at + i, m_part + i, v_row + off + i, n, k,
+                                        eco ? d_part + i : NULL)
+                        : sgd_update8(decoded, grad + at + i, m_part + i, n, ks);
                     store_part(values + i, updated, n);
                     lane_max = max8((f8)((i8)updated & (i8)(LANE < (uint32_t)n) & 0x7FFFFFFF), lane_max);
                 })
@@ -1019,18 +1026,34 @@ int adamw_step_weight_rows(int64_t rows_per_unit, int64_t block_size, int64_t fi
                     const f8 x = load_part(values + i, n);
                     const f8 noise = stochastic ? noise8(key, at + i) : splat8(0.0f);
                     const f8 stored = weight_encode8(x / divisor, stochastic ? &noise : NULL, codes, at + i, n, l);
-                    if (eco) { /* m += (eco_scale * denominator) * (x - stored * new_scale): ECO */
+                    if (eco) { /* AdamW: m += (eco_scale * denominator) * e, SGD: m += e * eco_scale */
                         const f8 error = x - stored * new_scale;
-                        const f8 m_new = load_part(m_part + i, n) + eco_scale * load_part(d_part + i, n) * error;
-                        store_part(m_part + i, m_new, n);
+                        const f8 m_old = load_part(m_part + i, n);
+                        store_part(m_part + i, rule == RULE_ADAMW ? m_old + eco_scale * load_part(d_part + i, n) * error
+                                                                  : m_old + error * eco_scale, n);
                     }
                 })
                 scales[g] = new_scale;
             }
         }
         encode_blocks(m, first_block, blocks, block_size, numel, m_values, &w.m);
-        encode_blocks(v, first_block, blocks, block_size, numel, v_values, &w.v);
+        if (v) encode_blocks(v, first_block, blocks, block_size, numel, v_values, &w.v);
     }
     close_workspace(&w);
     return 0;
+}
+
+int adamw_step_weight_rows(int64_t rows_per_unit, int64_t block_size, int64_t first_unit,
+                           int64_t last_unit, const weight_t *f, const float *grad,
+                           const state_t *m, const state_t *v, const adamw_scalars_t *c) {
+    return step_weight_rows(RULE_ADAMW, rows_per_unit, block_size, first_unit, last_unit, f, grad, m, v, c,
+                            NULL);
+}
+
+/* the same step under SGD with a momentum buffer (ECO: buffer += error * eco_scale) */
+int sgd_step_weight_rows(int64_t rows_per_unit, int64_t block_size, int64_t first_unit,
+                         int64_t last_unit, const weight_t *f, const float *grad,
+                         const state_t *buffer, const sgd_scalars_t *c) {
+    return step_weight_rows(RULE_SGD, rows_per_unit, block_size, first_unit, last_unit, f, grad, buffer,
+                            NULL, NULL, c);
 }
