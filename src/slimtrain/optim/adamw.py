@@ -12,7 +12,6 @@ from slimtrain.optim.base import LowBitOptimizer, as_pair, check_adam_options, c
 from slimtrain.optim.functional import adam_denominator, adam_step_scalars, adamw_update_
 from slimtrain.optim.state import SIGNED_MAPS, STATE_BITS, UNSIGNED_MAPS, StateFormat, scaled_beta
 from slimtrain.quant import ROUNDING_MODES
-from slimtrain.weights.tensor import QuantizedWeight, is_low_precision
 
 BETA1_POLICIES = ("scaled", "fixed")
 
@@ -154,18 +153,12 @@ class AdamW(LowBitOptimizer):
             return False
         if weight_update is None and not any(f.quantized for f in formats.values()):
             return torch_fused_step(param, state, group, maximize)
-        if param.device.type != "cpu":
-            return False
         block_size = formats["exp_avg"].block_size
-        quantized = isinstance(param, QuantizedWeight) and kernels.weight_supported(
-            param.format, param.shape, block_size, weight_update)
-        if not quantized and (param.dtype != torch.float32 or not param.is_contiguous()
-                           or is_low_precision(param)):
-            return False
-        library = kernels.cpu_kernels()
+        layout = kernels.layout_of(param, block_size, weight_update)
+        library = kernels.cpu_kernels() if layout else None
         if library is None:
             return False
-        keep_alive = [grad := grad.contiguous()]
+        keep_alive: list = []  # what the kernel reads, alive until it returns
         m, v = (kernels.state_args(state, name, formats[name], seeds[name], keep_alive)
                 for name in ("exp_avg", "exp_avg_sq"))
         constants = ctypes.byref(kernels.AdamWScalars(
@@ -174,16 +167,9 @@ class AdamW(LowBitOptimizer):
             inverse_bias_correction2_sqrt=1 / scalars["bias_correction2_sqrt"],
             neg_step_size=-scalars["step_size"], maximize=int(maximize),
         ))
-        if quantized:
-            weight = kernels.weight_args(param, weight_seed, weight_update == "eco", scalars["eco_scale"])
-            rows, cols = param.shape
-            per_unit = kernels.rows_per_unit(cols, block_size)
-            kernels.run_blocks(library.adamw_step_weight_rows, per_unit, block_size,
-                               ctypes.byref(weight), grad.data_ptr(), ctypes.byref(m), ctypes.byref(v),
-                               constants, units=-(-rows // per_unit))
-        else:
-            kernels.run_blocks(library.adamw_step_blocks, param.numel(), block_size, param.data_ptr(),
-                               grad.data_ptr(), ctypes.byref(m), ctypes.byref(v), constants)
+        kernels.run_step((library.adamw_step_blocks, library.adamw_step_weight_rows), layout, param,
+                         block_size, weight_update, weight_seed, scalars["eco_scale"], ctypes.byref(m),
+                         ctypes.byref(v), constants)
         return True
 
     def _scalars(

@@ -12,7 +12,7 @@ from slimtrain.optim.base import LowBitOptimizer, check_choice, check_number, pl
 from slimtrain.optim.functional import sgd_update_
 from slimtrain.optim.state import SIGNED_MAPS, STATE_BITS, StateFormat
 from slimtrain.quant import ROUNDING_MODES
-from slimtrain.weights.tensor import QuantizedWeight, is_low_precision
+from slimtrain.weights.tensor import is_low_precision
 
 
 def sgd_rule(
@@ -134,34 +134,22 @@ class SGD(LowBitOptimizer):
         the eager step). False for any other (see the base class)."""
         maximize, weight_update = options
         fmt = formats.get("momentum_buffer")
-        grad = param.grad
         if weight_update is None and (fmt is None or fmt.bits == 32):
             return torch_fused_step(param, state, scalars, maximize)
-        if (fmt is None or not kernels.supported(fmt) or param.device.type != "cpu"
-                or grad.dtype != torch.float32):
+        if fmt is None or not kernels.supported(fmt):
             return False
-        weight = isinstance(param, QuantizedWeight) and kernels.weight_supported(
-            param.format, param.shape, fmt.block_size, weight_update)
-        if not weight and (param.dtype != torch.float32 or not param.is_contiguous()
-                           or is_low_precision(param)):
-            return False
-        library = kernels.cpu_kernels()
+        layout = kernels.layout_of(param, fmt.block_size, weight_update)
+        library = kernels.cpu_kernels() if layout else None
         if library is None:
             return False
-        keep_alive = [grad := grad.contiguous()]
+        keep_alive: list = []  # what the kernel reads, alive until it returns
         buffer = kernels.state_args(state, "momentum_buffer", fmt, seeds["momentum_buffer"], keep_alive)
         constants = ctypes.byref(kernels.SGDScalars(
             neg_lr=-scalars["lr"], momentum=scalars["momentum"],
             one_minus_dampening=1 - scalars["dampening"], weight_decay=scalars["weight_decay"],
             nesterov=int(scalars["nesterov"]), maximize=int(maximize), first=int(state["step"].item() == 1),
         ))
-        if weight:
-            args = kernels.weight_args(param, weight_seed, weight_update == "eco", scalars["eco_scale"])
-            per_unit = kernels.rows_per_unit(param.shape[1], fmt.block_size)
-            kernels.run_blocks(library.sgd_step_weight_rows, per_unit, fmt.block_size, ctypes.byref(args),
-                               grad.data_ptr(), ctypes.byref(buffer), constants,
-                               units=-(-param.shape[0] // per_unit))
-        else:
-            kernels.run_blocks(library.sgd_step_blocks, param.numel(), fmt.block_size, param.data_ptr(),
-                               grad.data_ptr(), ctypes.byref(buffer), constants)
+        kernels.run_step((library.sgd_step_blocks, library.sgd_step_weight_rows), layout, param,
+                         fmt.block_size, weight_update, weight_seed, scalars["eco_scale"],
+                         ctypes.byref(buffer), constants)
         return True

@@ -30,7 +30,7 @@ from slimtrain.paths import cache_dir
 from slimtrain.quant import codebook
 from slimtrain.quant.formats import format_max
 from slimtrain.quant.rounding import noise_key
-from slimtrain.weights.tensor import QuantizedWeight, WeightFormat
+from slimtrain.weights.tensor import QuantizedWeight, WeightFormat, is_low_precision
 
 SOURCE = Path(__file__).with_name("adamw_cpu.c")
 # -ffp-contract=off: no fused multiply-add, so that every operation rounds as the eager step's does;
@@ -247,6 +247,35 @@ def weight_args(weight: QuantizedWeight, seed: int | None, eco: bool, eco_scale:
         stochastic=int(seed is not None), key=0 if seed is None else noise_key(seed), eco=int(eco),
         eco_scale=eco_scale, codes=weight.codes.data_ptr(), scales=weight.scales.data_ptr(),
     )
+
+
+def layout_of(param: torch.Tensor, block_size: int, weight_update: str | None) -> str | None:
+    """How the CPU kernels step ``param`` (its gradient float32): "weight" (a QuantizedWeight whose
+    format and shape they support), "blocks" (a contiguous float32 tensor), or None (they do not)."""
+    if param.device.type != "cpu" or param.grad.dtype != torch.float32:
+        return None
+    if isinstance(param, QuantizedWeight) and weight_supported(param.format, param.shape, block_size,
+                                                                weight_update):
+        return "weight"
+    if param.dtype != torch.float32 or not param.is_contiguous() or is_low_precision(param):
+        return None
+    return "blocks"
+
+
+def run_step(kernels: tuple[Callable[..., int], Callable[..., int]], layout: str, param: torch.Tensor,
+             block_size: int, weight_update: str | None, weight_seed: int | None, eco_scale: float,
+             *args: Any) -> None:
+    """Step ``param`` laid out as :func:`layout_of` says with ``kernels`` (the blocks one, the
+    weight one), ``args`` following the gradient (the states and the scalars)."""
+    grad = param.grad.contiguous()
+    blocks_kernel, weight_kernel = kernels
+    if layout == "weight":
+        weight = weight_args(param, weight_seed, weight_update == "eco", eco_scale)
+        per_unit = rows_per_unit(param.shape[1], block_size)
+        run_blocks(weight_kernel, per_unit, block_size, ctypes.byref(weight), grad.data_ptr(), *args,
+                   units=-(-param.shape[0] // per_unit))
+    else:
+        run_blocks(blocks_kernel, param.numel(), block_size, param.data_ptr(), grad.data_ptr(), *args)
 
 
 _pool: ThreadPoolExecutor | None = None
