@@ -61,9 +61,10 @@ class SGD(LowBitOptimizer):
         block_size, min_quantized_numel, seed: as in :class:`slimtrain.AdamW`.
         compile: a float32 parameter with a float32 buffer (or none) steps through torch's fused
             SGD kernel (the bits of ``torch.optim.SGD(fused=True)``); on the CPU, one with a
-            quantized buffer in slimtrain's C kernel (the bits of the eager step); every other
-            step, and every step with False, runs as eager torch code (float32 buffers: the bits
-            of ``torch.optim.SGD()``).
+            quantized buffer, and an FP8/INT8/INT4 weight with row or group scales and a buffer
+            ("eco" or "naive" updates), in slimtrain's C kernel (the bits of the eager step);
+            every other step, and every step with False, runs as eager torch code (float32
+            buffers: the bits of ``torch.optim.SGD()``).
     """
 
     state_names = ("momentum_buffer",)

@@ -87,18 +87,22 @@ def configurations() -> dict[str, Callable]:
         configs[f"st.AdamW {bits} eager"] = lambda p, bits=bits: st.AdamW(
             p, lr=1e-3, state_bits=bits, compile=False)
     for bits in [(32, 32), (4, 2)]:
-        configs[f"{FLOAT8_PREFIX}{bits}"] = lambda p, bits=bits: st.AdamW(
+        configs[f"st.AdamW{FLOAT8_MARK}{bits}"] = lambda p, bits=bits: st.AdamW(
             p, lr=1e-3, state_bits=bits, weight_update="eco", rounding="stochastic")
-    # SGD with momentum 0.9, against the same fused AdamW yardstick
+    # SGD with momentum 0.9 (float32 parameters, then FP8 weights with ECO), against the same
+    # fused AdamW yardstick
     configs["torch SGD fused"] = lambda p: torch.optim.SGD(p, lr=1e-3, momentum=0.9, fused=True)
     for bits in [32, 8, 4]:
         configs[f"st.SGD momentum {bits}-bit"] = lambda p, bits=bits: st.SGD(
             p, lr=1e-3, momentum=0.9, state_bits=bits)
+    for bits in [32, 4]:
+        configs[f"st.SGD{FLOAT8_MARK}{bits}-bit"] = lambda p, bits=bits: st.SGD(
+            p, lr=1e-3, momentum=0.9, state_bits=bits, rounding="stochastic")
     return configs | peers()
 
 
 BASELINE = "torch AdamW fused"  # measured first; then one of its steps precedes each timed step of the others
-FLOAT8_PREFIX = "st.AdamW FP8 + ECO (SR) "  # configurations whose parameter is an FP8 QuantizedWeight
+FLOAT8_MARK = " FP8 + ECO (SR) "  # in the names of configurations whose parameter is an FP8 QuantizedWeight
 
 
 def copy_bandwidth(device: torch.device, repeats: int = 10) -> float:
@@ -130,7 +134,7 @@ def measure(name: str, make: Callable, numel: int, warmup: int, steps: int, devi
     would otherwise be timed cold after the other's step, and only the baseline's would be)."""
     torch.manual_seed(0)
     weight = torch.randn(numel // 1024, 1024, device=device)
-    if name.startswith(FLOAT8_PREFIX):
+    if FLOAT8_MARK in name:
         weight = st.QuantizedWeight.from_float(weight, st.WeightFormat("fp8_e4m3", "row"))
     param = torch.nn.Parameter(weight)
     param.grad = torch.randn(param.shape, device=device) * 1e-2

@@ -905,32 +905,6 @@ static inline __attribute__((always_inline)) f8 adamw_update8(f8 p, const float 
     return p * k.decay + k.neg_step_size * mi / denom;
 }
 
-int adamw_step_blocks(int64_t numel, int64_t block_size, int64_t first_block, int64_t last_block,
-                      float *param, const float *grad, const state_t *m, const state_t *v,
-                      const adamw_scalars_t *c) {
-    if (block_size <= 0 || block_size % 8 || block_size > 65536) return 1;
-    const int64_t span = GROUP * block_size;
-    workspace_t w;
-    if (open_workspace(&w, 2 * span, block_size, m, v)) return 2;
-    float *m_buf = w.floats, *v_buf = w.floats + span;
-    const update_constants_t k = constants_of(c);
-    for (int64_t first = first_block; first < last_block; first += GROUP) {
-        const int count = last_block - first < GROUP ? (int)(last_block - first) : GROUP;
-        const int64_t start = first * block_size;
-        const int64_t valid = numel - start < count * block_size ? numel - start : count * block_size;
-        float *m_values = state_floats(m, start, m_buf), *v_values = state_floats(v, start, v_buf);
-        decode_blocks(m, first, count, block_size, m_values);
-        decode_blocks(v, first, count, block_size, v_values);
-        float *p = param + start;
-        FOR_PARTS(valid, store_part(p + i, adamw_update8(load_part(p + i, n), grad + start + i, m_values + i,
-                                                         v_values + i, n, k, NULL), n);)
-        encode_blocks(m, first, count, block_size, numel, m_values, &w.m);
-        encode_blocks(v, first, count, block_size, numel, v_values, &w.v);
-    }
-    close_workspace(&w);
-    return 0;
-}
-
 /* the SGD rule of slimtrain.optim.functional.sgd_update_(reproducible=True) with a momentum buffer
  * on n <= 8 elements: the parameter's values p in, its new values out; the buffer read (unless
  * first) and written at its pointer */
@@ -944,37 +918,68 @@ static inline __attribute__((always_inline)) f8 sgd_update8(f8 p, const float *g
     return p + (k.nesterov ? g + b * k.momentum : b) * k.neg_lr;
 }
 
-/* SGD with momentum on blocks first_block .. last_block - 1 of a float32 parameter (numel
- * elements): decode the buffer's blocks group by group, update, encode, as adamw_step_blocks */
-int sgd_step_blocks(int64_t numel, int64_t block_size, int64_t first_block, int64_t last_block,
-                    float *param, const float *grad, const state_t *buffer, const sgd_scalars_t *c) {
+enum { RULE_ADAMW = 0, RULE_SGD = 1 };
+
+/* whether the first state's blocks are read: all but SGD's buffer on its first step (it becomes the
+ * gradient) */
+static inline int reads_m(int rule, const sgd_scalars_t *sgd) { return rule != RULE_SGD || !sgd->first; }
+
+/* The step of blocks first_block .. last_block - 1 of a float32 parameter (numel elements) under
+ * `rule`, group by group: decode the states, update, encode. m is AdamW's first moment or SGD's
+ * momentum buffer; v AdamW's second moment, NULL for SGD. */
+static inline __attribute__((always_inline)) int step_blocks(
+    int rule, int64_t numel, int64_t block_size, int64_t first_block, int64_t last_block, float *param,
+    const float *grad, const state_t *m, const state_t *v, const adamw_scalars_t *adamw,
+    const sgd_scalars_t *sgd) {
     if (block_size <= 0 || block_size % 8 || block_size > 65536) return 1;
     const int64_t span = GROUP * block_size;
     workspace_t w;
-    if (open_workspace(&w, span, block_size, buffer, NULL)) return 2;
-    const sgd_scalars_t k = *c;
+    if (open_workspace(&w, 2 * span, block_size, m, v)) return 2;
+    float *m_buf = w.floats, *v_buf = w.floats + span;
+    const update_constants_t k = rule == RULE_ADAMW ? constants_of(adamw) : (update_constants_t){0};
+    const sgd_scalars_t ks = rule == RULE_SGD ? *sgd : (sgd_scalars_t){0};
     for (int64_t first = first_block; first < last_block; first += GROUP) {
         const int count = last_block - first < GROUP ? (int)(last_block - first) : GROUP;
         const int64_t start = first * block_size;
         const int64_t valid = numel - start < count * block_size ? numel - start : count * block_size;
-        float *values = state_floats(buffer, start, w.floats), *p = param + start;
-        if (!k.first) decode_blocks(buffer, first, count, block_size, values);
-        FOR_PARTS(valid, store_part(p + i, sgd_update8(load_part(p + i, n), grad + start + i, values + i, n, k), n);)
-        encode_blocks(buffer, first, count, block_size, numel, values, &w.m);
+        float *m_values = state_floats(m, start, m_buf), *v_values = v ? state_floats(v, start, v_buf) : NULL;
+        if (reads_m(rule, sgd)) decode_blocks(m, first, count, block_size, m_values);
+        if (v) decode_blocks(v, first, count, block_size, v_values);
+        float *p = param + start;
+        FOR_PARTS(valid, {
+            const f8 updated = rule == RULE_ADAMW
+                ? adamw_update8(load_part(p + i, n), grad + start + i, m_values + i, v_values + i, n, k, NULL)
+                : sgd_update8(load_part(p + i, n), grad + start + i, m_values + i, n, ks);
+            store_part(p + i, updated, n);
+        })
+        encode_blocks(m, first, count, block_size, numel, m_values, &w.m);
+        if (v) encode_blocks(v, first, count, block_size, numel, v_values, &w.v);
     }
     close_workspace(&w);
     return 0;
 }
+
+int adamw_step_blocks(int64_t numel, int64_t block_size, int64_t first_block, int64_t last_block,
+                      float *param, const float *grad, const state_t *m, const state_t *v,
+                      const adamw_scalars_t *c) {
+    return step_blocks(RULE_ADAMW, numel, block_size, first_block, last_block, param, grad, m, v, c, NULL);
+}
+
+/* the same step under SGD with a momentum buffer */
+int sgd_step_blocks(int64_t numel, int64_t block_size, int64_t first_block, int64_t last_block,
+                    float *param, const float *grad, const state_t *buffer, const sgd_scalars_t *c) {
+    return step_blocks(RULE_SGD, numel, block_size, first_block, last_block, param, grad, buffer, NULL,
+                       NULL, c);
+}
+
+
 
 /* The step of a (rows, cols) quantized weight (float8, int8 or int4 codes; a scale per row or per
  * group of a row), in units of rows_per_unit rows (a whole number of rows and of state blocks:
  * lcm(cols, block_size) elements, the last unit possibly shorter). Each row is decoded, updated,
  * re-quantized with the new absmax of each scale's elements (the rounding error fed back into m
  * under ECO) and the unit's state blocks encoded, as slimtrain.optim.base.step_chunk_ does for
- * the whole weight. */
-enum { RULE_ADAMW = 0, RULE_SGD = 1 };
-
-/* m is AdamW's first moment or SGD's momentum buffer; v AdamW's second moment, NULL for SGD */
+ * the whole weight, under `rule` (m and v as for step_blocks). */
 static inline __attribute__((always_inline)) int step_weight_rows(
     int rule, int64_t rows_per_unit, int64_t block_size, int64_t first_unit, int64_t last_unit,
     const weight_t *f, const float *grad, const state_t *m, const state_t *v,
@@ -1000,7 +1005,7 @@ static inline __attribute__((always_inline)) int step_weight_rows(
         const int64_t count = row_count * cols, first_block = start / block_size;
         const int64_t blocks = (count + block_size - 1) / block_size;
         float *m_values = state_floats(m, start, m_all), *v_values = v ? state_floats(v, start, v_all) : NULL;
-        decode_blocks(m, first_block, blocks, block_size, m_values);
+        if (reads_m(rule, sgd)) decode_blocks(m, first_block, blocks, block_size, m_values);
         if (v) decode_blocks(v, first_block, blocks, block_size, v_values);
         for (int64_t r = 0; r < row_count; ++r) {
             const int64_t row = first_row + r;
