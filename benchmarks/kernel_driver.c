@@ -1,11 +1,11 @@
 /* The CPU kernel's (4, 2) step on its own, for profiling without Python (`perf record`):
  * one float32 parameter of 2^LOGN elements (default 2^20, resident in L3) with m in 4-bit
- * dynamic-exponent codes (or float32) and v on 2- to 8-bit logarithmic levels (or float32), one
+ * dynamic-exponent codes (M_BITS, default 4; or float32) and v on 2- to 8-bit logarithmic levels (or float32), one
  * thread; prints the best and mean ns per parameter over REPS steps and a hash of the result.
  *
  *   gcc -O3 -ffp-contract=off -fno-math-errno -fno-trapping-math -std=c11 -march=native \
  *       benchmarks/kernel_driver.c -o /tmp/kernel_driver -lm
- *   [LOGN=20] [FP8=0|1] taskset -c 1 /tmp/kernel_driver [REPS=300] [M_BITS=4|32] [V_BITS=2..8|32] [V_STOCHASTIC=1|0]
+ *   [LOGN=20] [FP8=0|1] taskset -c 1 /tmp/kernel_driver [REPS=300] [M_BITS=2..8|32] [V_BITS=2..8|32] [V_STOCHASTIC=1|0]
  *
  * FP8=1 steps a float8 E4M3 weight (row scales, ECO, stochastic rounding) instead.
  */
@@ -33,14 +33,29 @@ int main(int argc, char **argv) {
     const int reps = argc > 1 ? atoi(argv[1]) : 300;
     const int m_bits = argc > 2 ? atoi(argv[2]) : 4, v_bits = argc > 3 ? atoi(argv[3]) : 2;
     const int v_stochastic = argc > 4 ? atoi(argv[4]) : 1;
-    /* slimtrain.quant.codebook("dynamic", 4, True) and its midpoints */
-    static const float levels[16] = {-0.887499988079071f, -0.6625000238418579f, -0.4375f,
-        -0.21250000596046448f, -0.07750000059604645f, -0.032499998807907104f,
-        -0.005499999970197678f, 0.0f, 0.005499999970197678f, 0.032499998807907104f,
-        0.07750000059604645f, 0.21250000596046448f, 0.4375f, 0.6625000238418579f,
-        0.887499988079071f, 1.0f};
-    float mids[15];
-    for (int k = 0; k < 15; ++k) mids[k] = (levels[k] + levels[k + 1]) / 2;
+    /* slimtrain.quant.codebook("dynamic", M_BITS, True) (same double arithmetic, then float32,
+     * sorted) and its midpoints */
+    const int codebook_bits = m_bits == 32 ? 4 : m_bits, levels_n = 1 << codebook_bits;
+    float *levels = malloc((size_t)levels_n * 4), *mids = malloc((size_t)levels_n * 4);
+    int filled = 0;
+    for (int i = 0; i < codebook_bits - 1; ++i) {
+        const int decades = codebook_bits - 1, count = 1 << i;
+        const double width = 0.9 / count;
+        for (int j = 0; j < count; ++j) {
+            const float magnitude = (float)((0.1 + (j + 0.5) * width) * pow(10.0, i - decades + 1));
+            levels[filled++] = magnitude;
+            levels[filled++] = -magnitude;
+        }
+    }
+    levels[filled++] = 0.0f;
+    levels[filled++] = 1.0f;
+    for (int a = 1; a < filled; ++a) /* insertion sort */
+        for (int b = a; b > 0 && levels[b - 1] > levels[b]; --b) {
+            const float t = levels[b];
+            levels[b] = levels[b - 1];
+            levels[b - 1] = t;
+        }
+    for (int k = 0; k + 1 < levels_n; ++k) mids[k] = (levels[k] + levels[k + 1]) / 2;
     float *param = malloc((size_t)n * 4), *grad = malloc((size_t)n * 4);
     for (int64_t i = 0; i < n; ++i) {
         param[i] = uniform();
@@ -50,7 +65,7 @@ int main(int argc, char **argv) {
     if (m_bits == 32) {
         m = (state_t){.kind = KIND_FLOAT, .values = calloc((size_t)n, 4)};
     } else {
-        m = (state_t){.kind = KIND_CODEBOOK, .bits = 4, .codes = calloc((size_t)n, 1),
+        m = (state_t){.kind = KIND_CODEBOOK, .bits = m_bits, .codes = calloc((size_t)n, 1),
                       .scales = calloc((size_t)blocks, 4), .levels = levels, .mids = mids};
     }
     if (v_bits == 32) {

@@ -390,3 +390,74 @@ def test_kernel_log2_and_exp2_are_elementarys_in_every_lane():
     for got, expected in ((log2_out, elementary.log2(x)), (exp2_out, elementary.exp2(x))):
         assert torch.equal(got.isnan(), expected.isnan())
         assert torch.equal(got[~got.isnan()].view(torch.int32), expected[~expected.isnan()].view(torch.int32))
+
+
+def search_lanes(table: torch.Tensor, x: torch.Tensor, inclusive: bool) -> torch.Tensor:
+    """The kernel's count of entries of ``table`` below each of ``x`` (at or below if inclusive)."""
+    library = kernels.cpu_kernels()
+    if library is None:
+        pytest.skip("no C compiler")
+    padded = torch.cat([x, torch.zeros(-x.numel() % 8)])
+    out = torch.empty(padded.numel(), dtype=torch.int32)
+    status = library.search_lanes(table.data_ptr(), table.numel(), padded.numel(), padded.data_ptr(),
+                                  int(inclusive), out.data_ptr())
+    assert status == 0
+    return out[: x.numel()]
+
+
+def searched_tables():
+    """Every codebook's tables as the kernel searches them: midpoints (nearest rounding) and the
+    inner levels (stochastic rounding), signed and unsigned, dynamic and linear, 2 to 8 bits."""
+    for kind in st.quant.codebooks.CODEBOOK_KINDS:
+        for bits in st.quant.codebooks.CODEBOOK_BITS:
+            for signed in (True, False):
+                levels = st.quant.codebook(kind, bits, signed)
+                yield f"{kind}{bits}{'s' if signed else 'u'}-mids", (levels[1:] + levels[:-1]) / 2
+                yield f"{kind}{bits}{'s' if signed else 'u'}-levels", levels[1:-1]
+
+
+def expected_counts(table: torch.Tensor, x: torch.Tensor, inclusive: bool) -> torch.Tensor:
+    """torch.searchsorted's count, 0 for NaN (the kernel's convention)."""
+    counts = torch.searchsorted(table, x, right=inclusive).to(torch.int32)
+    return counts.masked_fill(x.isnan(), 0)
+
+
+@pytest.mark.parametrize("inclusive", [False, True])
+def test_kernel_search_counts_entries_below_as_searchsorted(inclusive):
+    """Both searches (registers for up to 15 entries, buckets above) count exactly: at every entry,
+    the floats just beside it, +-0, +-1, beyond +-1, infinities and NaN, and random values."""
+    generator = torch.Generator().manual_seed(0)
+    special = torch.tensor([0.0, -0.0, 1.0, -1.0, 1.5, -1.5, 3e38, -3e38, float("inf"), float("-inf"),
+                            float("nan"), 1e-45, -1e-45, 1e-39, -1e-39])
+    for name, table in searched_tables():
+        edges = torch.cat([table, special])
+        beside = torch.cat([torch.nextafter(edges, edges + 1), torch.nextafter(edges, edges - 1)])
+        uniform = torch.rand(2000, generator=generator) * 2 - 1
+        tiny = uniform * torch.exp2(-30 * torch.rand(2000, generator=generator))
+        x = torch.cat([edges, beside, uniform, tiny])
+        x = x[torch.randperm(x.numel(), generator=generator)]  # mixed lanes
+        got = search_lanes(table, x, inclusive)
+        assert torch.equal(got, expected_counts(table, x, inclusive)), name
+
+
+@settings(max_examples=60, deadline=None)
+@given(values=hypothesis_st.lists(hypothesis_st.floats(-1.0, 1.0, width=32), min_size=1, max_size=64),
+       bits=hypothesis_st.sampled_from(st.quant.codebooks.CODEBOOK_BITS),
+       kind=hypothesis_st.sampled_from(st.quant.codebooks.CODEBOOK_KINDS), signed=hypothesis_st.booleans(),
+       inclusive=hypothesis_st.booleans())
+def test_kernel_search_agrees_with_searchsorted_on_any_values(values, bits, kind, signed, inclusive):
+    table = st.quant.codebook(kind, bits, signed)[1:-1]
+    x = torch.tensor(values, dtype=torch.float32)
+    assert torch.equal(search_lanes(table, x, inclusive), expected_counts(table, x, inclusive))
+
+
+def test_kernel_search_refuses_tables_its_buckets_cannot_split():
+    """Entries closer than the finest buckets, or outside [-1, 1]: status 1, nothing searched."""
+    library = kernels.cpu_kernels()
+    if library is None:
+        pytest.skip("no C compiler")
+    crowded = torch.linspace(0.5, 0.5 + 2**-20, 20)
+    outside = torch.linspace(-1, 1.5, 20)
+    x, out = torch.zeros(8), torch.zeros(8, dtype=torch.int32)
+    for table in (crowded, outside):
+        assert library.search_lanes(table.data_ptr(), table.numel(), 8, x.data_ptr(), 0, out.data_ptr()) == 1

@@ -161,6 +161,9 @@ def _declare(library: ctypes.CDLL) -> None:
         ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32,
         ctypes.c_float, ctypes.c_void_p,
     ]
+    library.search_lanes.restype = ctypes.c_int
+    library.search_lanes.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_void_p,
+                                     ctypes.c_int, ctypes.c_void_p]
     library.elementary_lanes.restype = None
     library.elementary_lanes.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
     library.adamw_step_weight_rows.restype = ctypes.c_int
@@ -301,6 +304,11 @@ def run_blocks(kernel: Callable[..., int], size: int, block_size: int, *args: An
         statuses = [kernel(*calls[0])] + [future.result() for future in pending]
     else:
         statuses = [kernel(*calls[0])]
+    if 2 in statuses:
+        raise MemoryError("the C kernel could not allocate its workspace")
+    if 3 in statuses:
+        raise ValueError("the C kernel cannot search this codebook: its levels must lie in [-1, 1], "
+                         "neighbours at least 1/256 of their magnitude apart")
     if any(statuses):
         raise ValueError(f"kernel rejected block_size={block_size}: a multiple of 8 up to 65536 "
                          "(that divides the rows of a quantized weight, whose scale groups divide its rows)")

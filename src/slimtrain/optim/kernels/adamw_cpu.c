@@ -299,55 +299,73 @@ static inline f8 permute8(f8 table, i8 index) {
 }
 
 /* A sorted table is searched for the number of its entries below each value (at or below, if
- * inclusive). One of up to 15 entries (2- to 4-bit codebooks), +inf padded to 16, is held in
- * registers: the count is in [4q, 4q + 3], q = entries 3, 7, 11 below y; then it is at least 4q + 2
- * exactly where entry 4q + 1 is below y (j = 2q + that), and 2j + 1 exactly where entry 2j is: a
- * binary search whose lookups are one permute each. Larger tables (5- to 8-bit codebooks) are
- * searched through buckets of float values: bucket b holds the floats whose order-preserving key
- * is in [b, b + 1) << BUCKET_SHIFT above -1's, so that the count of entries below any y starts at
- * below[bucket of y] (the entries in lower buckets) and needs `most` more comparisons (at most 2
- * for every codebook here). */
+ * inclusive). One of up to 15 entries (2- to 4-bit codebooks), padded to 16 with NaN (below no
+ * value, +inf included), is held in registers: the count is in [4q, 4q + 3], q = entries 3, 7, 11
+ * below y; then it is at least 4q + 2 exactly where entry 4q + 1 is below y (j = 2q + that), and
+ * 2j + 1 exactly where entry 2j is: a binary search whose lookups are one permute each. Larger
+ * tables (5- to 8-bit codebooks, entries in [-1, 1]) are searched through buckets of floats, one
+ * table lookup per value: in the order-preserving integer key of floats, bucket b holds the keys
+ * BASE_KEY + [b, b + 1) << shift, the shift chosen per table so that no bucket holds two entries
+ * (1 / 256 of an entry's magnitude apart is enough); bucket b's word holds the number of entries in
+ * lower buckets (top 8 bits) and the offset of its entry in it (low 24 bits; EMPTY if none), so
+ * that the count for y at offset r of bucket b is that number + (offset < r), or + (offset < r + 1)
+ * at or below. The last bucket takes every key above +1's bucket. */
 #define SMALL_TABLE 15
-#define BUCKET_SHIFT 18
-#define BUCKETS 8192
+#define BASE_KEY 0x407FFFFEu /* the key of -1, less 1: -1 is at offset 1 of bucket 0 */
+#define TOP_KEY 0xBF800000u  /* the key of +1 */
+#define SHIFT_MOST 18        /* the coarsest buckets tried */
+#define SHIFT_LEAST 15       /* the finest: 2^-8 of a power of two wide */
+#define BUCKETS_MOST (((TOP_KEY - BASE_KEY) >> SHIFT_LEAST) + 2)
+#define EMPTY 0xFFFFFFu
 
 typedef struct {
-    int n, most;                /* entries (<= 255), and the most in one bucket */
-    float table[256];           /* the n sorted entries, then +inf */
-    float quarter[8], even[8];  /* n <= SMALL_TABLE: entries 4k + 1 (k < 4), entries 2k */
-    uint8_t below[BUCKETS + 4]; /* n > SMALL_TABLE: entries in lower buckets; 4 bytes readable from each */
+    int n, shift;                      /* entries (<= 255); the buckets' shift (n > SMALL_TABLE) */
+    float table[SMALL_TABLE + 1];      /* n <= SMALL_TABLE: the n sorted entries, then NaN */
+    float quarter[8], even[8];         /* n <= SMALL_TABLE: entries 4k + 1 (k < 4), entries 2k */
+    uint32_t buckets[BUCKETS_MOST];    /* n > SMALL_TABLE: count below << 24 | offset of the entry */
 } search_t;
 
-/* the buckets of 8 values */
-static inline u8v buckets_of8(f8 y) {
-    const u8v bits = (u8v)y;
+/* the order-preserving keys of 8 floats, -0 as +0 (they compare equal) */
+static inline u8v keys_of8(f8 y) {
+    const u8v bits = (u8v)(y + 0.0f); /* -0 + 0 = +0 */
     const u8v negative = (u8v)((i8)bits < 0);
-    const u8v key = (negative & ~bits) | (~negative & (bits | 0x80000000u)); /* order of floats */
-    const u8v b = (u8v)(key > 0x407FFFFFu) & ((key - 0x407FFFFFu) >> BUCKET_SHIFT); /* -1's key */
-    const u8v inside = (u8v)((i8)b < BUCKETS);
-    return (inside & b) | (~inside & (BUCKETS - 1));
+    return (negative & ~bits) | (~negative & (bits | 0x80000000u));
 }
 
-static void prepare_search(const float *table, int n, search_t *out) {
+/* lanes of a, at most cap */
+static inline u8v at_most8(u8v a, uint32_t cap) {
+    const u8v less = (u8v)(a < cap);
+    return (less & a) | (~less & cap);
+}
+
+/* keys above BASE_KEY, counted from it (0 at or below it) */
+static inline u8v from_base8(u8v key) { return (u8v)(key > BASE_KEY) & (key - BASE_KEY); }
+
+/* prepare the search of table[0 .. n) (sorted): 0, or 1 if two entries are closer than the finest
+ * buckets tell apart or one is outside [-1, 1] */
+static int prepare_search(const float *table, int n, search_t *out) {
     out->n = n;
-    out->most = 0;
-    for (int j = 0; j < 256; ++j) out->table[j] = j < n ? table[j] : INFINITY;
+    for (int j = 0; j <= SMALL_TABLE; ++j) out->table[j] = j < n ? table[j] : NAN;
     for (int k = 0; k < 8; ++k) {
         out->quarter[k] = k < 4 ? out->table[4 * k + 1] : 0.0f;
         out->even[k] = out->table[2 * k];
     }
-    if (n <= SMALL_TABLE) return;
-    memset(out->below, 0, sizeof out->below);
-    for (int j = 0, run = 0, previous = -1; j < n; ++j) {
-        const int b = (int)buckets_of8(splat8(table[j]))[0];
-        if (b + 1 < BUCKETS) out->below[b + 1] += 1; /* counts per bucket, summed below */
-        run = b == previous ? run + 1 : 1;
-        previous = b;
-        out->most = run > out->most ? run : out->most;
+    if (n <= SMALL_TABLE) return 0;
+    uint32_t at[256]; /* each entry's key from BASE_KEY */
+    for (int j = 0; j < n; ++j) at[j] = from_base8(keys_of8(splat8(table[j])))[0];
+    int shift = SHIFT_MOST;
+    for (int j = 1; j < n; ++j)
+        while (shift >= SHIFT_LEAST && at[j] >> shift == at[j - 1] >> shift) --shift;
+    const uint32_t buckets = ((TOP_KEY - BASE_KEY) >> shift) + 2;
+    if (shift < SHIFT_LEAST || at[0] == 0 || at[n - 1] >> shift >= buckets - 1) return 1;
+    out->shift = shift;
+    for (uint32_t b = 0, j = 0; b < buckets; ++b) {
+        const int inside = j < (uint32_t)n && at[j] >> shift == b; /* entries in [-1, 1]: none past */
+        out->buckets[b] = j << 24 | (inside ? at[j] & ((1u << shift) - 1) : EMPTY);
+        j += (uint32_t)inside;
     }
-    for (int b = 1; b < BUCKETS; ++b) out->below[b] = (uint8_t)(out->below[b] + out->below[b - 1]);
+    return 0;
 }
-
 /* out[i] = the number of entries of the prepared table below x[i] (<= x[i] if inclusive), for
  * x[0 .. count) (a multiple of 8) */
 static void count_below(const search_t *s, const float *x, int64_t count, int inclusive, int32_t *out) {
@@ -363,26 +381,32 @@ static void count_below(const search_t *s, const float *x, int64_t count, int in
         }
         return;
     }
+    const int shift = s->shift;
+    const uint32_t last = (TOP_KEY - BASE_KEY) >> shift; /* the last bucket: + 1 */
     for (int64_t i = 0; i < count; i += 8) {
         const f8 y = load8(x + i);
-        const u8v bucket = buckets_of8(y);
-        i8 c;
-        f8 entry;
+        const u8v key = from_base8(keys_of8(y)), bucket = at_most8(key >> shift, last + 1);
+        const u8v offset = at_most8(key - (bucket << shift), 1u << shift); /* past the last bucket: its end */
+        i8 word;
 #if defined(__AVX2__)
-        c = (i8)_mm256_i32gather_epi32((const int *)s->below, (__m256i)bucket, 1) & 0xFF;
+        word = (i8)_mm256_i32gather_epi32((const int *)s->buckets, (__m256i)bucket, 4);
 #else
-        for (int j = 0; j < 8; ++j) c[j] = s->below[bucket[j]];
+        for (int j = 0; j < 8; ++j) word[j] = (int32_t)s->buckets[bucket[j]];
 #endif
-        for (int k = 0; k < s->most; ++k) { /* branch-free steps: no mispredicted loop exits */
-#if defined(__AVX2__)
-            entry = (f8)_mm256_i32gather_ps(s->table, (__m256i)c, 4);
-#else
-            for (int j = 0; j < 8; ++j) entry[j] = s->table[c[j]];
-#endif
-            c -= inclusive ? entry <= y : entry < y;
-        }
+        const i8 entry_offset = word & (int32_t)EMPTY, limit = (i8)offset + inclusive;
+        const i8 c = (i8)((u8v)word >> 24) - (entry_offset < limit);
         store8i(out + i, c & (y == y)); /* NaN is above no entry */
     }
+}
+
+/* out[i] = count_below of table[0 .. n) (sorted) at x[i], for i < count (a multiple of 8): lets
+ * tests compare both searches with torch.searchsorted; 0, 1 (see prepare_search) or 2 (memory) */
+int search_lanes(const float *table, int n, int64_t count, const float *x, int inclusive, int32_t *out) {
+    search_t *search = malloc(sizeof *search);
+    const int status = !search ? 2 : prepare_search(table, n, search);
+    if (!status) count_below(search, x, count, inclusive, out);
+    free(search);
+    return status;
 }
 
 /* ---------------------------------------------------------------------- decode / encode */
@@ -830,13 +854,14 @@ static inline f8 weight_encode8(f8 y, const f8 *noise, uint8_t *codes, int64_t a
  * (shared buffers; each codebook state's search prepared). */
 typedef struct { float *floats; int32_t *ints; search_t *searches; scratch_t m, v; } workspace_t;
 
-static scratch_t scratch_for(const state_t *s, scratch_t shared, search_t *search) {
-    if (s->kind == KIND_CODEBOOK) {
-        if (s->stochastic) prepare_search(s->levels + 1, (1 << s->bits) - 2, search);
-        else prepare_search(s->mids, (1 << s->bits) - 1, search);
-        shared.search = search;
-    }
-    return shared;
+/* scratch: shared, with s's search prepared in *search if s is a codebook state; 0, or 1 (see
+ * prepare_search) */
+static int scratch_for(const state_t *s, scratch_t shared, search_t *search, scratch_t *scratch) {
+    *scratch = shared;
+    if (s->kind != KIND_CODEBOOK) return 0;
+    scratch->search = search;
+    return s->stochastic ? prepare_search(s->levels + 1, (1 << s->bits) - 2, search)
+                         : prepare_search(s->mids, (1 << s->bits) - 1, search);
 }
 
 static void close_workspace(workspace_t *w) {
@@ -845,7 +870,7 @@ static void close_workspace(workspace_t *w) {
     free(w->searches);
 }
 
-/* 0, or 2 when memory runs out */
+/* 0; 2 when memory runs out; 3 when a codebook's levels cannot be searched (see prepare_search) */
 static int open_workspace(workspace_t *w, int64_t floats, int64_t block_size, const state_t *m,
                           const state_t *v /* NULL: one state */) {
     w->floats = malloc((size_t)(floats + GROUP * block_size) * sizeof(float));
@@ -856,9 +881,11 @@ static int open_workspace(workspace_t *w, int64_t floats, int64_t block_size, co
         return 2;
     }
     const scratch_t shared = {w->floats + floats, w->ints, w->ints + block_size, NULL};
-    w->m = scratch_for(m, shared, w->searches);
-    w->v = v ? scratch_for(v, shared, w->searches + 1) : shared;
-    return 0;
+    int failed = scratch_for(m, shared, w->searches, &w->m);
+    if (v) failed |= scratch_for(v, shared, w->searches + 1, &w->v);
+    else w->v = shared;
+    if (failed) close_workspace(w);
+    return failed ? 3 : 0;
 }
 
 /* Where a state's values for the elements from `start` are updated: a float32 state's own values
@@ -934,7 +961,8 @@ static inline __attribute__((always_inline)) int step_blocks(
     if (block_size <= 0 || block_size % 8 || block_size > 65536) return 1;
     const int64_t span = GROUP * block_size;
     workspace_t w;
-    if (open_workspace(&w, 2 * span, block_size, m, v)) return 2;
+    const int opened = open_workspace(&w, 2 * span, block_size, m, v);
+    if (opened) return opened;
     float *m_buf = w.floats, *v_buf = w.floats + span;
     const update_constants_t k = rule == RULE_ADAMW ? constants_of(adamw) : (update_constants_t){0};
     const sgd_scalars_t ks = rule == RULE_SGD ? *sgd : (sgd_scalars_t){0};
@@ -988,7 +1016,8 @@ static inline __attribute__((always_inline)) int step_weight_rows(
     if (block_size <= 0 || block_size % 8 || block_size > 65536 || unit % block_size) return 1;
     if (group <= 0 || cols % group || (f->format == WEIGHT_INT4 && group % 8)) return 1;
     workspace_t w;
-    if (open_workspace(&w, 3 * unit + cols, block_size, m, v)) return 2;
+    const int opened = open_workspace(&w, 3 * unit + cols, block_size, m, v);
+    if (opened) return opened;
     float *w_all = w.floats, *m_all = w.floats + unit, *v_all = w.floats + 2 * unit;
     float *denominators = w.floats + 3 * unit;
     const int64_t numel = f->rows * cols, groups_per_row = cols / group;
