@@ -210,9 +210,15 @@ typedef uint8_t u8x8 __attribute__((vector_size(8)));
 static inline f8 load_part(const float *p, int64_t n) { f8 v = {0}; memcpy(&v, p, (size_t)n * 4); return v; }
 static inline void store_part(float *p, f8 v, int64_t n) { memcpy(p, &v, (size_t)n * 4); }
 static inline i8 load_codes(const uint8_t *p, int64_t n) {
+#if defined(__AVX2__) /* one zero-extending move; the generic conversion goes byte by byte */
+    long long word = 0;
+    memcpy(&word, p, (size_t)n);
+    return (i8)_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(word));
+#else
     u8x8 c = {0};
     memcpy(&c, p, (size_t)n);
     return __builtin_convertvector(c, i8);
+#endif
 }
 static inline void store_codes(uint8_t *p, i8 codes, int64_t n) { /* codes in 0 .. 255 */
 #if defined(__AVX2__)
