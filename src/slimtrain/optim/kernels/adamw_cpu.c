@@ -365,10 +365,11 @@ static int prepare_search(const float *table, int n, search_t *out) {
     const uint32_t buckets = ((TOP_KEY - BASE_KEY) >> shift) + 2;
     if (shift < SHIFT_LEAST || at[0] == 0 || at[n - 1] >> shift >= buckets - 1) return 1;
     out->shift = shift;
-    for (uint32_t b = 0, j = 0; b < buckets; ++b) {
-        const int inside = j < (uint32_t)n && at[j] >> shift == b; /* entries in [-1, 1]: none past */
-        out->buckets[b] = j << 24 | (inside ? at[j] & ((1u << shift) - 1) : EMPTY);
-        j += (uint32_t)inside;
+    uint32_t b = 0;
+    for (uint32_t j = 0; j <= (uint32_t)n; ++j) { /* the empty buckets before entry j, then its own */
+        const uint32_t end = j < (uint32_t)n ? at[j] >> shift : buckets;
+        for (; b < end; ++b) out->buckets[b] = j << 24 | EMPTY;
+        if (j < (uint32_t)n) out->buckets[b++] = j << 24 | (at[j] & ((1u << shift) - 1));
     }
     return 0;
 }
