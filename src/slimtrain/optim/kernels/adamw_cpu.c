@@ -373,6 +373,7 @@ static int prepare_search(const float *table, int n, search_t *out) {
     }
     return 0;
 }
+
 /* out[i] = the number of entries of the prepared table below x[i] (<= x[i] if inclusive), for
  * x[0 .. count) (a multiple of 8) */
 static void count_below(const search_t *s, const float *x, int64_t count, int inclusive, int32_t *out) {
