@@ -348,3 +348,35 @@ def test_bench_rejects_bad_sizes(capsys, size, message):
         main(["bench", "--sizes", size])
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_bench_speedups_divide_the_peers_ratio_by_each_configurations():
+    """Ratios to fused of 60 (the peer) and 3: 20x faster; only slimtrain rows, size by size,
+    and nothing where the peer was not measured."""
+    rows = [dict(name="torch AdamW fused", numel=4096, ratio_to_fused=1.0),
+            dict(name="peer", numel=4096, ratio_to_fused=60.0),
+            dict(name="st.AdamW (4, 2)", numel=4096, ratio_to_fused=3.0),
+            dict(name="st.AdamW (4, 2)", numel=8192, ratio_to_fused=2.0)]
+    assert bench.speedups(rows, "peer") == [dict(name="st.AdamW (4, 2)", numel=4096, speedup=20.0)]
+    assert bench.speedups(rows, "absent") == []
+
+
+def test_bench_prints_speedups_over_the_named_configuration(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--sizes", "64K", "--steps", "1", "--warmup", "1", "--only", "st.AdamW (4, 2)",
+                 "foreach", "--versus", "torch AdamW foreach", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "x faster than torch AdamW foreach" in printed
+    report = json.loads(out.read_text())
+    ratios = {row["name"]: row["ratio_to_fused"] for row in report["results"]}
+    speedups = {row["name"]: row["speedup"] for row in report["speedups"]["rows"]}
+    assert report["speedups"]["versus"] == "torch AdamW foreach"
+    assert set(speedups) == {"st.AdamW (4, 2)", "st.AdamW (4, 2) eager"}
+    expected = ratios["torch AdamW foreach"] / ratios["st.AdamW (4, 2)"]
+    assert speedups["st.AdamW (4, 2)"] == pytest.approx(expected)
+
+
+def test_bench_rejects_an_unknown_versus(capsys):
+    assert main(["bench", "--versus", "nothing like it"]) == 2
+    err = capsys.readouterr().err
+    assert "--versus must name a configuration of this machine" in err and "torch AdamW fused" in err

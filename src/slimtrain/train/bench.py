@@ -103,6 +103,7 @@ def configurations() -> dict[str, Callable]:
 
 BASELINE = "torch AdamW fused"  # measured first; then one of its steps precedes each timed step of the others
 FLOAT8_MARK = " FP8 + ECO (SR) "  # in the names of configurations whose parameter is an FP8 QuantizedWeight
+VERSUS = "torchao AdamW4bit"  # the peer whose step the slimtrain configurations are compared with by default
 
 
 def copy_bandwidth(device: torch.device, repeats: int = 10) -> float:
@@ -196,6 +197,16 @@ def run_bench(sizes: list[int], steps: int = 5, warmup: int = 3, only: list[str]
     return dict(torch=torch.__version__, device=device_name(target), threads=torch.get_num_threads(),
                 copy_bandwidth_gbs=copy, failed_peers=failed,
                 kernel_compile_seconds=kernels.compile_seconds, results=[asdict(r) for r in results])
+
+
+def speedups(results: list[dict], versus: str) -> list[dict]:
+    """How many times faster than configuration ``versus`` each slimtrain configuration stepped,
+    size by size: the ratio of their ratios to the fused baseline (both paired with fused steps,
+    so that a shared machine's drifts between the two cancel). Empty where ``versus`` was not
+    measured. Rows of ``results`` as in run_bench's report."""
+    peer = {r["numel"]: r["ratio_to_fused"] for r in results if r["name"] == versus}
+    return [dict(name=r["name"], numel=r["numel"], speedup=peer[r["numel"]] / r["ratio_to_fused"])
+            for r in results if r["name"].startswith("st.") and r["numel"] in peer]
 
 
 def device_name(device: torch.device) -> str:
