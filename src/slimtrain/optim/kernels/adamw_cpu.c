@@ -501,20 +501,29 @@ static table_t log_table(float log_top, float step, int positive, int size) {
     return t;
 }
 
-/* one block of `bits`-bit codes (a constant where inlined) into values, element by element, with
- * the operations of log_table and codebook_table: exp2(log2(max) - step * code) when `levels` is
- * NULL (the logarithmic map), else levels[code] * scale */
+/* how decode_block_elements finds a value: levels[code] * scale, exp2(log2(max) - step * code)
+ * (EXP2_ANY), or the same where every such exponent is in exp2_8's one-scaling range (EXP2_NEAR) */
+enum { FROM_LEVELS = 0, EXP2_ANY = 1, EXP2_NEAR = 2 };
+
+/* one block of `bits`-bit codes into values, element by element, with the operations of
+ * codebook_table and log_table (`bits` and `how` constants where inlined) */
 static inline __attribute__((always_inline)) void decode_block_elements(
-    const uint8_t *codes, int bits, int64_t block_size, f8 log_top, f8 step, const float *levels,
-    f8 scale, float *values) {
+    const uint8_t *codes, int bits, int how, int64_t block_size, f8 log_top, f8 step,
+    const float *levels, f8 scale, float *values) {
     for (int64_t g = 0; g < block_size / 8; ++g) {
         const i8 k = unpack8(codes + bits * g, bits);
         f8 v;
-        if (levels) {
+        if (how == FROM_LEVELS) {
             for (int j = 0; j < 8; ++j) v[j] = levels[k[j]];
             v = v * scale;
         } else {
-            v = exp2_8(log_top - step * __builtin_convertvector(k, f8));
+            const f8 y = log_top - step * __builtin_convertvector(k, f8);
+            if (how == EXP2_NEAR) {
+                const f8 n = floor8(y + 0.5f);
+                v = exp2_poly8(y - n) * power_of_two8(__builtin_convertvector(n, i8));
+            } else {
+                v = exp2_8(y);
+            }
         }
         memcpy(values + 8 * g, &v, sizeof v);
     }
@@ -523,10 +532,12 @@ static inline __attribute__((always_inline)) void decode_block_elements(
 /* decode_group for quantized states of more than TABLE_LEVELS levels */
 static void decode_group_elements(const state_t *s, int64_t first, int count, int64_t block_size,
                                   float *out) {
-    const int bits = s->bits, log_map = s->kind == KIND_LOG;
+    const int bits = s->bits, log_map = s->kind == KIND_LOG, last = (1 << bits) - 1;
     f8 log_top = splat8(0.0f), step = splat8(0.0f);
     i8 positive = {0};
     if (log_map) step = load_log_map8(s, first, count, &log_top, &positive);
+    /* exponents fall from log_top (code 0) to log_top - step * last: both in exp2_8's near range? */
+    const i8 near = (log_top <= 126.0f) & (log_top - step * (float)last >= -125.0f);
     for (int b = 0; b < count; ++b) {
         const uint8_t *codes = s->codes + (first + b) * block_size * bits / 8;
         float *values = out + b * block_size;
@@ -535,10 +546,14 @@ static void decode_group_elements(const state_t *s, int64_t first, int count, in
             continue;
         }
         const f8 top_b = splat8(log_top[b]), step_b = splat8(step[b]);
-        const float *levels = log_map ? NULL : s->levels;
         const f8 scale = splat8(log_map ? 0.0f : s->scales[first + b]);
+        const int how = !log_map ? FROM_LEVELS : near[b] ? EXP2_NEAR : EXP2_ANY;
 #define ELEMENTS_CASE(BITS) \
-        case BITS: decode_block_elements(codes, BITS, block_size, top_b, step_b, levels, scale, values); break;
+        case BITS: \
+            if (how == FROM_LEVELS) decode_block_elements(codes, BITS, FROM_LEVELS, block_size, top_b, step_b, s->levels, scale, values); \
+            else if (how == EXP2_NEAR) decode_block_elements(codes, BITS, EXP2_NEAR, block_size, top_b, step_b, NULL, scale, values); \
+            else decode_block_elements(codes, BITS, EXP2_ANY, block_size, top_b, step_b, NULL, scale, values); \
+            break;
         switch (bits) { EACH_CODE_WIDTH(ELEMENTS_CASE) }
 #undef ELEMENTS_CASE
     }
