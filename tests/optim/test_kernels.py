@@ -101,6 +101,28 @@ def test_kernel_and_eager_agree_on_blocks_of_subnormal_moments():
     assert torch.isfinite(m).all() and (m.view(4, 128)[1, ::2] == 0).all()  # zeros stay zeros
 
 
+@pytest.mark.parametrize("bits", [(8, 8), (2, 8)])
+def test_kernel_and_eager_agree_where_v_spans_float32s_whole_range(bits):
+    """Blocks whose second moments run from subnormals to 1e35 (and one that saturates): the
+    8-bit logarithmic decode's levels reach both ends of exp2's range, where the kernel
+    leaves its one-scaling path."""
+    results = []
+    for fused in (True, False):
+        param = torch.nn.Parameter(torch.linspace(-1, 1, 512))
+        opt = st.AdamW([param], lr=1e-2, compile=fused, min_quantized_numel=0, state_bits=bits, seed=2)
+        magnitudes = torch.logspace(-22, 19, 256)  # squares * (1 - beta2): 1e-47 (0) to 1e35
+        grad = torch.cat([magnitudes, -magnitudes.flip(0)])
+        grad[-8:] = 3e22  # a block whose v saturates at float32's largest value
+        for scale in (1.0, 0.5, 2.0):
+            param.grad = grad * scale
+            opt.step()
+        results.append((param.detach().clone(), opt.state[param]))
+    (fused_param, fused_state), (eager_param, eager_state) = results
+    assert torch.equal(fused_param, eager_param)
+    for key in fused_state:
+        assert torch.equal(fused_state[key], eager_state[key]), key
+
+
 gradients = hypothesis_st.lists(hypothesis_st.floats(-2.0**100, 2.0**100, width=32), min_size=1, max_size=400)
 
 
