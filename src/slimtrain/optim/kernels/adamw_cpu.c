@@ -611,23 +611,46 @@ static void encode_codebook(const state_t *s, int64_t block, int64_t block_size,
 
 #define QUANTILE_BISECTION_STEPS 8
 
-static inline int32_t lanes_sum(i8 v) {
-    v += __builtin_shuffle(v, (i8){4, 5, 6, 7, 0, 1, 2, 3});
-    v += __builtin_shuffle(v, (i8){2, 3, 0, 1, 6, 7, 4, 5});
-    v += __builtin_shuffle(v, (i8){1, 0, 3, 2, 5, 4, 7, 6});
-    return v[0];
+/* Per-block reductions of a group: lane b of the result reduces the lanes of v[b] (b < 8), by a
+ * tree of pairwise steps. Exact for sums of integers and for maxima and minima of values free of
+ * NaN and of -0 (so in any order). */
+enum { SUM_INTS = 0, MAXIMUM = 1, MINIMUM = 2 };
+
+static inline __attribute__((always_inline)) f8 combine8(f8 a, f8 b, int how) {
+    return how == MAXIMUM ? max8(a, b) : how == MINIMUM ? min8(a, b) : (f8)((i8)a + (i8)b);
 }
+
+/* [a0 a2 b0 b2 a4 a6 b4 b6] combined with [a1 a3 b1 b3 a5 a7 b5 b7] */
+static inline __attribute__((always_inline)) f8 pairs8(f8 a, f8 b, int how) {
+    return combine8(__builtin_shuffle(a, b, (i8){0, 2, 8, 10, 4, 6, 12, 14}),
+                    __builtin_shuffle(a, b, (i8){1, 3, 9, 11, 5, 7, 13, 15}), how);
+}
+
+static inline __attribute__((always_inline)) f8 reduce_each8(const f8 v[8], int how) {
+    /* q0: lanes 0-3 reduce the lower halves of v[0..3], lanes 4-7 their upper halves; q1: v[4..7] */
+    const f8 q0 = pairs8(pairs8(v[0], v[1], how), pairs8(v[2], v[3], how), how);
+    const f8 q1 = pairs8(pairs8(v[4], v[5], how), pairs8(v[6], v[7], how), how);
+    return combine8(__builtin_shuffle(q0, q1, (i8){0, 1, 2, 3, 8, 9, 10, 11}),
+                    __builtin_shuffle(q0, q1, (i8){4, 5, 6, 7, 12, 13, 14, 15}), how);
+}
+
+/* +inf (an overflowed square) as the largest float32, as quantize_log clamps; NaN stays NaN */
+static inline f8 saturate8(f8 v) { return min8(splat8(FLT_MAX), v); }
 
 /* slimtrain.quant.blockwise.quantize_log of blocks first .. first + count - 1, x holding their
  * count * block_size values (zeros past numel); one block per lane for the per-block scalars */
-/* +inf (an overflowed square) as the largest float32, as quantize_log clamps; NaN stays NaN */
-static inline f8 saturate8(f8 v) { return min8(splat8(FLT_MAX), v); }
 
 static void encode_log_group(const state_t *s, int64_t first, int count, int64_t block_size,
                              int64_t numel, const float *x, const scratch_t *w) {
     float *log_x = w->log_x;
-    f8 top = splat8(0.0f), high = splat8(0.0f), smallest = splat8(INFINITY), zeros = splat8(0.0f);
     f8 rank = splat8(1.0f);
+    /* each block's lanes of its max, max log2, smallest positive value and count of zeros; past
+     * count, lanes that reduce to 0, 0, +inf and 0 */
+    f8 tops[GROUP], highs[GROUP], smalls[GROUP], zero_counts[GROUP];
+    for (int b = count; b < GROUP; ++b) {
+        tops[b] = highs[b] = zero_counts[b] = splat8(0.0f);
+        smalls[b] = splat8(INFINITY);
+    }
     for (int b = 0; b < count; ++b) {
         const float *xb = x + b * block_size;
         float *lb = log_x + b * block_size;
@@ -636,47 +659,49 @@ static void encode_log_group(const state_t *s, int64_t first, int count, int64_t
         for (int64_t i = 0; i < block_size; i += 8) {
             const f8 v = saturate8(load8(xb + i)), l = log2_8(v);
             memcpy(lb + i, &l, sizeof l);
-            lane_top = max8(v, lane_top);
+            lane_top = max8(v, lane_top); /* NaN lanes of v (and l) drop out */
             lane_high = max8(l, lane_high);
             lane_small = select8(v > 0.0f, min8(v, lane_small), lane_small);
             lane_zeros -= v == 0.0f;
         }
-        top[b] = lanes_max(lane_top, 0.0f);
-        high[b] = lanes_max(lane_high, -INFINITY);
-        float small_b = INFINITY;
-        for (int j = 0; j < 8; ++j) small_b = lane_small[j] < small_b ? lane_small[j] : small_b;
-        smallest[b] = small_b;
-        zeros[b] = (float)lanes_sum(lane_zeros);
+        tops[b] = lane_top;
+        highs[b] = lane_high;
+        smalls[b] = lane_small;
+        zero_counts[b] = (f8)lane_zeros;
         const int64_t valid = valid_in(numel, first + b, block_size);
         const float r = ceilf(s->quantile * (float)valid);
         rank[b] = (r < 1.0f ? 1.0f : r) + (float)(block_size - valid);
     }
+    const f8 top = reduce_each8(tops, MAXIMUM), smallest = reduce_each8(smalls, MINIMUM);
+    const f8 zeros = __builtin_convertvector((i8)reduce_each8(zero_counts, SUM_INTS), f8);
+    f8 high = reduce_each8(highs, MAXIMUM);
     const i8 has_positive = smallest != INFINITY;
     f8 low = select8(has_positive, log2_8(smallest), high);
     for (int k = 0; k < QUANTILE_BISECTION_STEPS; ++k) {
         const f8 middle = (low + high) / 2.0f;
-        f8 below = splat8(0.0f);
+        f8 lane_counts[GROUP] = {{0}}; /* int32 lanes of each block; 0 past count */
         for (int b = 0; b < count; ++b) {
             const float *lb = log_x + b * block_size;
             const f8 threshold = splat8(middle[b]);
             i8 lane_count = {0};
             for (int64_t i = 0; i < block_size; i += 8) lane_count -= load8(lb + i) <= threshold;
-            below[b] = (float)lanes_sum(lane_count);
+            lane_counts[b] = (f8)lane_count;
         }
+        const f8 below = __builtin_convertvector((i8)reduce_each8(lane_counts, SUM_INTS), f8);
         const i8 enough = below >= rank;
         high = select8(enough, middle, high);
         low = select8(enough, low, middle);
     }
-    f8 snapped = splat8(0.0f); /* the largest element not above 2^high */
+    f8 snaps[GROUP]; /* each block's lanes of its largest element not above 2^high */
+    for (int b = 0; b < GROUP; ++b) snaps[b] = splat8(0.0f);
     for (int b = 0; b < count; ++b) {
         const float *xb = x + b * block_size, *lb = log_x + b * block_size;
         const f8 threshold = splat8(high[b]);
-        f8 lane_snap = splat8(0.0f);
         for (int64_t i = 0; i < block_size; i += 8)
-            lane_snap = max8(select8(load8(lb + i) <= threshold, saturate8(load8(xb + i)), splat8(0.0f)),
-                             lane_snap);
-        snapped[b] = lanes_max(lane_snap, 0.0f);
+            snaps[b] = max8(select8(load8(lb + i) <= threshold, saturate8(load8(xb + i)), splat8(0.0f)),
+                            snaps[b]);
     }
+    const f8 snapped = reduce_each8(snaps, MAXIMUM);
     const f8 bottom = select8(zeros >= rank, select8(has_positive, smallest, splat8(0.0f)), snapped);
     const int last = (1 << s->bits) - 1;
     f8 log_top;
