@@ -877,6 +877,9 @@ static inline f8 weight_decode8(const uint8_t *codes, int64_t at, int64_t n, wei
     return __builtin_convertvector(unpack8(codes + at / 2, 4) - 8, f8);
 }
 
+/* y in [-top, top] (top > 0), NaN kept: the second operand of min/max wins on NaN and ties */
+static inline f8 clamp8(f8 y, f8 top) { return max8(-top, min8(top, y)); }
+
 /* Round n <= 8 scaled values y (|y| <= max up to the division's rounding) to codes stored from
  * element `at`, as slimtrain.quant.formats.quantize_weight does; returns the codes' unscaled
  * values. `noise`: the stochastic-rounding noise of these elements, or NULL for nearest. */
@@ -884,13 +887,13 @@ static inline f8 weight_encode8(f8 y, const f8 *noise, uint8_t *codes, int64_t a
                                 weight_layout_t l) {
     const f8 top = splat8(l.max);
     if (l.format == WEIGHT_FLOAT8) {
-        y = select8(y < -top, -top, select8(y > top, top, y));
+        y = clamp8(y, top);
         const i8 code = noise ? float8_stochastic8(y, *noise, l) : float8_nearest8(y, l);
         store_codes(codes + at, code, n);
         return float8_decode8(code, l);
     }
     f8 r = floor8(y + (noise ? *noise : splat8(0.5f))); /* rounding.round_stochastic, then clamp */
-    r = select8(r < -top, -top, select8(r > top, top, r));
+    r = clamp8(r, top);
     const i8 value = __builtin_convertvector(r, i8);
     if (l.format == WEIGHT_INT8) store_codes(codes + at, value & 0xFF, n);
     else pack8(value + 8, 4, codes + at / 2);
