@@ -160,9 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=list(launch.DEVICES), default="auto",
                    help="where the parameters and states live: cpu, cuda or auto (cuda where torch "
                         "sees a GPU; default)")
-    p.add_argument("--versus", default=VERSUS, metavar="NAME",
+    p.add_argument("--versus", metavar="NAME",
                    help=f"also print how many times faster than configuration NAME each slimtrain "
-                        f"configuration is, where NAME was measured (default: {VERSUS})")
+                        f"configuration is (default: {VERSUS}, where installed and measured)")
     return parser
 
 
@@ -223,9 +223,10 @@ def _plan(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: this torch build sees no CUDA device; accepted here: cpu")
-    if args.versus not in configurations():
+    if args.versus is not None and args.versus not in configurations():
         raise ValueError(f"--versus must name a configuration of this machine, one of "
                          f"{', '.join(configurations())}; got {args.versus!r}")
+    versus = args.versus or VERSUS
     device = launch.local_device(args.device).type
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}")
     print(BENCH_HEADER)
@@ -236,9 +237,9 @@ def _bench(args: argparse.Namespace) -> int:
         f"compiled in {compiled:.1f} s (once per machine)" if compiled else "loaded from the cache")
     for name, reason in report["failed_peers"].items():
         print(f"{name}: failed on this machine, left out ({reason})")
-    report["speedups"] = dict(versus=args.versus, rows=speedups(report["results"], args.versus))
+    report["speedups"] = dict(versus=versus, rows=speedups(report["results"], versus))
     if report["speedups"]["rows"]:
-        print(f"x faster than {args.versus} (ratio of the two ratios to fused, same run):")
+        print(f"x faster than {versus} (ratio of the two ratios to fused, same run):")
         for row in report["speedups"]["rows"]:
             print(f"{row['name']:<34}{row['numel']:>11,}{row['speedup']:>10.3g}")
     print(f"device {report['device']}; copy bandwidth {report['copy_bandwidth_gbs']:.1f} GB/s{kernel_note}")

@@ -331,21 +331,33 @@ typedef struct {
     uint32_t buckets[BUCKETS_MOST];    /* n > SMALL_TABLE: count below << 24 | offset of the entry */
 } search_t;
 
-/* the order-preserving keys of 8 floats, -0 as +0 (they compare equal) */
+/* the order-preserving keys of 8 floats, -0 as +0 (they compare equal): negative floats' bits
+ * flipped, positive ones' sign bit set */
 static inline u8v keys_of8(f8 y) {
-    const u8v bits = (u8v)(y + 0.0f); /* -0 + 0 = +0 */
-    const u8v negative = (u8v)((i8)bits < 0);
-    return (negative & ~bits) | (~negative & (bits | 0x80000000u));
+    const i8 bits = (i8)(y + 0.0f); /* -0 + 0 = +0 */
+    return (u8v)(bits ^ ((bits >> 31) | (int32_t)0x80000000));
 }
 
-/* lanes of a, at most cap */
+/* lanes of a, at most cap; at least floor */
 static inline u8v at_most8(u8v a, uint32_t cap) {
+#if defined(__AVX2__)
+    return (u8v)_mm256_min_epu32((__m256i)a, _mm256_set1_epi32((int)cap));
+#else
     const u8v less = (u8v)(a < cap);
     return (less & a) | (~less & cap);
+#endif
+}
+static inline u8v at_least8(u8v a, uint32_t floor) {
+#if defined(__AVX2__)
+    return (u8v)_mm256_max_epu32((__m256i)a, _mm256_set1_epi32((int)floor));
+#else
+    const u8v more = (u8v)(a > floor);
+    return (more & a) | (~more & floor);
+#endif
 }
 
 /* keys above BASE_KEY, counted from it (0 at or below it) */
-static inline u8v from_base8(u8v key) { return (u8v)(key > BASE_KEY) & (key - BASE_KEY); }
+static inline u8v from_base8(u8v key) { return at_least8(key, BASE_KEY) - BASE_KEY; }
 
 /* prepare the search of table[0 .. n) (sorted): 0, or 1 if two entries are closer than the finest
  * buckets tell apart or one is outside [-1, 1] */
