@@ -120,6 +120,29 @@ static inline float lanes_max(f8 v, float start) {
     return start;
 }
 
+/* Per-block reductions of a group: lane b of the result reduces the lanes of v[b] (b < 8), by a
+ * tree of pairwise steps. Exact for sums of integers and for maxima and minima of values free of
+ * NaN and of -0 (so in any order). */
+enum { SUM_INTS = 0, MAXIMUM = 1, MINIMUM = 2 };
+
+static inline __attribute__((always_inline)) f8 combine8(f8 a, f8 b, int how) {
+    return how == MAXIMUM ? max8(a, b) : how == MINIMUM ? min8(a, b) : (f8)((i8)a + (i8)b);
+}
+
+/* [a0 a2 b0 b2 a4 a6 b4 b6] combined with [a1 a3 b1 b3 a5 a7 b5 b7] */
+static inline __attribute__((always_inline)) f8 pairs8(f8 a, f8 b, int how) {
+    return combine8(__builtin_shuffle(a, b, (i8){0, 2, 8, 10, 4, 6, 12, 14}),
+                    __builtin_shuffle(a, b, (i8){1, 3, 9, 11, 5, 7, 13, 15}), how);
+}
+
+static inline __attribute__((always_inline)) f8 reduce_each8(const f8 v[8], int how) {
+    /* q0: lanes 0-3 reduce the lower halves of v[0..3], lanes 4-7 their upper halves; q1: v[4..7] */
+    const f8 q0 = pairs8(pairs8(v[0], v[1], how), pairs8(v[2], v[3], how), how);
+    const f8 q1 = pairs8(pairs8(v[4], v[5], how), pairs8(v[6], v[7], how), how);
+    return combine8(__builtin_shuffle(q0, q1, (i8){0, 1, 2, 3, 8, 9, 10, 11}),
+                    __builtin_shuffle(q0, q1, (i8){4, 5, 6, 7, 12, 13, 14, 15}), how);
+}
+
 static inline f8 floor8(f8 v) {
     for (int j = 0; j < 8; ++j) v[j] = floorf(v[j]);
     return v;
@@ -386,19 +409,30 @@ static int prepare_search(const float *table, int n, search_t *out) {
     return 0;
 }
 
+/* a prepared table of at most SMALL_TABLE entries, in registers */
+typedef struct { f8 quarters, evens, t3, t7, t11; } small_search_t;
+
+static inline small_search_t small_search_of(const search_t *s) {
+    const small_search_t small = {load8(s->quarter), load8(s->even), splat8(s->table[3]),
+                                  splat8(s->table[7]), splat8(s->table[11])};
+    return small;
+}
+
+/* the number of entries below each of y (at or below, if inclusive) */
+static inline __attribute__((always_inline)) i8 count_small8(const small_search_t *t, f8 y, int inclusive) {
+    /* masks are -1 */
+    const i8 q = -entries_below(t->t3, y, inclusive) - entries_below(t->t7, y, inclusive) -
+                 entries_below(t->t11, y, inclusive);
+    const i8 j = q + q - entries_below(permute8(t->quarters, q), y, inclusive);
+    return j + j - entries_below(permute8(t->evens, j), y, inclusive);
+}
+
 /* out[i] = the number of entries of the prepared table below x[i] (<= x[i] if inclusive), for
  * x[0 .. count) (a multiple of 8) */
 static void count_below(const search_t *s, const float *x, int64_t count, int inclusive, int32_t *out) {
     if (s->n <= SMALL_TABLE) {
-        const f8 quarters = load8(s->quarter), evens = load8(s->even);
-        const f8 t3 = splat8(s->table[3]), t7 = splat8(s->table[7]), t11 = splat8(s->table[11]);
-        for (int64_t i = 0; i < count; i += 8) {
-            const f8 y = load8(x + i); /* masks are -1 */
-            const i8 q = -entries_below(t3, y, inclusive) - entries_below(t7, y, inclusive) -
-                         entries_below(t11, y, inclusive);
-            const i8 j = q + q - entries_below(permute8(quarters, q), y, inclusive);
-            store8i(out + i, j + j - entries_below(permute8(evens, j), y, inclusive));
-        }
+        const small_search_t small = small_search_of(s);
+        for (int64_t i = 0; i < count; i += 8) store8i(out + i, count_small8(&small, load8(x + i), inclusive));
         return;
     }
     const int shift = s->shift;
@@ -592,59 +626,70 @@ static void decode_group(const state_t *s, int64_t first, int count, int64_t blo
     }
 }
 
-static void encode_codebook(const state_t *s, int64_t block, int64_t block_size, const float *x,
-                            const scratch_t *w) {
-    f8 lane_max = splat8(0.0f);
-    for (int64_t i = 0; i < block_size; i += 8)
-        lane_max = max8((f8)((i8)load8(x + i) & 0x7FFFFFFF), lane_max); /* |x| */
-    float absmax = lanes_max(lane_max, 0.0f);
-    /* quantize_absmax: a subnormal absmax is scaled by 2^24 first, so that 1 / absmax is finite */
-    const float boost = absmax < TINY ? 16777216.0f : 1.0f;
-    float inverse = 1.0f / (absmax > 0.0f ? absmax * boost : 1.0f);
-    float *y = w->log_x;
-    for (int64_t i = 0; i < block_size; ++i) y[i] = (x[i] * boost) * inverse;
-    if (!s->stochastic) {
-        count_below(w->search, y, block_size, 0, w->codes);
-    } else {
-        int64_t start = block * block_size;
-        count_below(w->search, y, block_size, 1, w->counts);
-        for (int64_t i = 0; i < block_size; ++i) {
-            int low = w->counts[i];
-            float low_level = s->levels[low];
-            float gap = s->levels[low + 1] - low_level;
-            float frac = (y[i] - low_level) / (gap > 0.0f ? gap : 1.0f);
-            frac = frac < 0.0f ? 0.0f : (frac > 1.0f ? 1.0f : frac);
-            w->codes[i] = low + (noise_at(s->key, start + i) < frac);
-        }
+/* one block's codes from its values x * boost * inverse, rounded to the nearest of at most
+ * SMALL_TABLE + 1 levels: searched and packed vector by vector (`bits` a constant where inlined) */
+static inline __attribute__((always_inline)) void encode_nearest_small(
+    const small_search_t *small, const float *x, f8 boost, f8 inverse, int bits, int64_t block_size,
+    uint8_t *dst) {
+    for (int64_t g = 0; g < block_size / 8; ++g)
+        pack8(count_small8(small, (load8(x + 8 * g) * boost) * inverse, 0), bits, dst + bits * g);
+}
+
+/* slimtrain.quant.blockwise.quantize_absmax of blocks first .. first + count - 1 (count <= GROUP)
+ * of a codebook state from x (count * block_size floats) */
+static void encode_codebook_group(const state_t *s, int64_t first, int count, int64_t block_size,
+                                  const float *x, const scratch_t *w) {
+    f8 maxes[GROUP]; /* each block's lanes of |x| (NaN dropped); past count, zeros */
+    for (int b = count; b < GROUP; ++b) maxes[b] = splat8(0.0f);
+    for (int b = 0; b < count; ++b) {
+        f8 lane_max = splat8(0.0f);
+        for (int64_t i = 0; i < block_size; i += 8)
+            lane_max = max8((f8)((i8)load8(x + b * block_size + i) & 0x7FFFFFFF), lane_max);
+        maxes[b] = lane_max;
     }
-    s->scales[block] = absmax;
-    pack_block(w->codes, s->bits, block_size, s->codes + block * block_size * s->bits / 8);
+    const f8 absmax = reduce_each8(maxes, MAXIMUM);
+    /* quantize_absmax: a subnormal absmax is scaled by 2^24 first, so that 1 / absmax is finite */
+    const f8 boost = select8(absmax < TINY, splat8(16777216.0f), splat8(1.0f));
+    const f8 inverse = 1.0f / select8(absmax > 0.0f, absmax * boost, splat8(1.0f));
+    const int small = !s->stochastic && w->search->n <= SMALL_TABLE;
+    const small_search_t small_search = small ? small_search_of(w->search) : (small_search_t){0};
+    for (int b = 0; b < count; ++b) {
+        const int64_t block = first + b, start = block * block_size;
+        const float *xb = x + b * block_size;
+        uint8_t *codes = s->codes + start * s->bits / 8;
+        const f8 boost_b = splat8(boost[b]), inverse_b = splat8(inverse[b]);
+        s->scales[block] = absmax[b];
+        if (small) {
+            switch (s->bits) {
+            case 2: encode_nearest_small(&small_search, xb, boost_b, inverse_b, 2, block_size, codes); break;
+            case 3: encode_nearest_small(&small_search, xb, boost_b, inverse_b, 3, block_size, codes); break;
+            case 4: encode_nearest_small(&small_search, xb, boost_b, inverse_b, 4, block_size, codes); break;
+            }
+            continue;
+        }
+        float *y = w->log_x;
+        for (int64_t i = 0; i < block_size; i += 8) {
+            const f8 yi = (load8(xb + i) * boost_b) * inverse_b;
+            memcpy(y + i, &yi, sizeof yi);
+        }
+        if (!s->stochastic) {
+            count_below(w->search, y, block_size, 0, w->codes);
+        } else {
+            count_below(w->search, y, block_size, 1, w->counts);
+            for (int64_t i = 0; i < block_size; ++i) {
+                int low = w->counts[i];
+                float low_level = s->levels[low];
+                float gap = s->levels[low + 1] - low_level;
+                float frac = (y[i] - low_level) / (gap > 0.0f ? gap : 1.0f);
+                frac = frac < 0.0f ? 0.0f : (frac > 1.0f ? 1.0f : frac);
+                w->codes[i] = low + (noise_at(s->key, start + i) < frac);
+            }
+        }
+        pack_block(w->codes, s->bits, block_size, codes);
+    }
 }
 
 #define QUANTILE_BISECTION_STEPS 8
-
-/* Per-block reductions of a group: lane b of the result reduces the lanes of v[b] (b < 8), by a
- * tree of pairwise steps. Exact for sums of integers and for maxima and minima of values free of
- * NaN and of -0 (so in any order). */
-enum { SUM_INTS = 0, MAXIMUM = 1, MINIMUM = 2 };
-
-static inline __attribute__((always_inline)) f8 combine8(f8 a, f8 b, int how) {
-    return how == MAXIMUM ? max8(a, b) : how == MINIMUM ? min8(a, b) : (f8)((i8)a + (i8)b);
-}
-
-/* [a0 a2 b0 b2 a4 a6 b4 b6] combined with [a1 a3 b1 b3 a5 a7 b5 b7] */
-static inline __attribute__((always_inline)) f8 pairs8(f8 a, f8 b, int how) {
-    return combine8(__builtin_shuffle(a, b, (i8){0, 2, 8, 10, 4, 6, 12, 14}),
-                    __builtin_shuffle(a, b, (i8){1, 3, 9, 11, 5, 7, 13, 15}), how);
-}
-
-static inline __attribute__((always_inline)) f8 reduce_each8(const f8 v[8], int how) {
-    /* q0: lanes 0-3 reduce the lower halves of v[0..3], lanes 4-7 their upper halves; q1: v[4..7] */
-    const f8 q0 = pairs8(pairs8(v[0], v[1], how), pairs8(v[2], v[3], how), how);
-    const f8 q1 = pairs8(pairs8(v[4], v[5], how), pairs8(v[6], v[7], how), how);
-    return combine8(__builtin_shuffle(q0, q1, (i8){0, 1, 2, 3, 8, 9, 10, 11}),
-                    __builtin_shuffle(q0, q1, (i8){4, 5, 6, 7, 12, 13, 14, 15}), how);
-}
 
 /* +inf (an overflowed square) as the largest float32, as quantize_log clamps; NaN stays NaN */
 static inline f8 saturate8(f8 v) { return min8(splat8(FLT_MAX), v); }
@@ -742,7 +787,7 @@ static void encode_log_group(const state_t *s, int64_t first, int count, int64_t
 static void encode_group(const state_t *s, int64_t first, int count, int64_t block_size,
                          int64_t numel, const float *x, const scratch_t *w) {
     if (s->kind == KIND_CODEBOOK) {
-        for (int b = 0; b < count; ++b) encode_codebook(s, first + b, block_size, x + b * block_size, w);
+        encode_codebook_group(s, first, count, block_size, x, w);
     } else {
         encode_log_group(s, first, count, block_size, numel, x, w);
     }
