@@ -1,7 +1,8 @@
-/* The CPU kernel's (4, 2) step on its own, for profiling without Python (`perf record`):
- * one float32 parameter of 2^LOGN elements (default 2^20, resident in L3) with m in 4-bit
- * dynamic-exponent codes (M_BITS, default 4; or float32) and v on 2- to 8-bit logarithmic levels (or float32), one
- * thread; prints the best and mean ns per parameter over REPS steps and a hash of the result.
+/* The CPU kernel's AdamW step on its own, for profiling without Python (`perf record`): one
+ * float32 parameter of 2^LOGN elements (default 2^20, resident in L3) with m in M_BITS-bit
+ * dynamic-exponent codes (2 to 8, default 4; or float32) and v on V_BITS-bit logarithmic levels
+ * (2 to 8, default 2; or float32), one thread; prints the best and mean ns per parameter over
+ * REPS steps and a hash of the result (the same hash: the same bits).
  *
  *   gcc -O3 -ffp-contract=off -fno-math-errno -fno-trapping-math -std=c11 -march=native \
  *       benchmarks/kernel_driver.c -o /tmp/kernel_driver -lm
