@@ -40,6 +40,8 @@ CONFIGURATIONS = [
     dict(state_bits=(32, 2), maximize=True, betas=(0.4, 0.99)),
     dict(state_bits=(4, 32), block_size=64, weight_decay=0.3),
     dict(state_bits=(8, 4), quantile=0.3, block_size=8, eps=1e-3),
+    dict(state_bits=(8, 2), state_rounding="stochastic"),  # m rounded stochastically, 256 levels
+    dict(state_bits=(4, 3), state_rounding=("stochastic", "nearest")),
 ]
 
 

@@ -626,6 +626,21 @@ static void decode_group(const state_t *s, int64_t first, int count, int64_t blo
     }
 }
 
+/* s's codebook levels at 8 codes: from `levels` (the codebook_table of s's levels, unscaled)
+ * where they fit in it, else from memory */
+static inline f8 levels_at8(const state_t *s, const table_t *levels, i8 codes) {
+    if (s->bits == 2) return lookup8(*levels, codes, 4);
+    if (s->bits == 3) return lookup8(*levels, codes, 8);
+    if (s->bits == 4) return lookup8(*levels, codes, 16);
+#if defined(__AVX2__)
+    return (f8)_mm256_i32gather_ps(s->levels, (__m256i)codes, 4);
+#else
+    f8 out;
+    for (int j = 0; j < 8; ++j) out[j] = s->levels[codes[j]];
+    return out;
+#endif
+}
+
 /* one block's codes from its values x * boost * inverse, rounded to the nearest of at most
  * SMALL_TABLE + 1 levels: searched and packed vector by vector (`bits` a constant where inlined) */
 static inline __attribute__((always_inline)) void encode_nearest_small(
@@ -653,6 +668,8 @@ static void encode_codebook_group(const state_t *s, int64_t first, int count, in
     const f8 inverse = 1.0f / select8(absmax > 0.0f, absmax * boost, splat8(1.0f));
     const int small = !s->stochastic && w->search->n <= SMALL_TABLE;
     const small_search_t small_search = small ? small_search_of(w->search) : (small_search_t){0};
+    const int size = 1 << s->bits;
+    const table_t levels = size <= TABLE_LEVELS ? codebook_table(s->levels, size, 1.0f) : (table_t){0};
     for (int b = 0; b < count; ++b) {
         const int64_t block = first + b, start = block * block_size;
         const float *xb = x + b * block_size;
@@ -676,13 +693,12 @@ static void encode_codebook_group(const state_t *s, int64_t first, int count, in
             count_below(w->search, y, block_size, 0, w->codes);
         } else {
             count_below(w->search, y, block_size, 1, w->counts);
-            for (int64_t i = 0; i < block_size; ++i) {
-                int low = w->counts[i];
-                float low_level = s->levels[low];
-                float gap = s->levels[low + 1] - low_level;
-                float frac = (y[i] - low_level) / (gap > 0.0f ? gap : 1.0f);
-                frac = frac < 0.0f ? 0.0f : (frac > 1.0f ? 1.0f : frac);
-                w->codes[i] = low + (noise_at(s->key, start + i) < frac);
+            for (int64_t i = 0; i < block_size; i += 8) { /* up from level low with p = frac */
+                const i8 low = load8i(w->counts + i);
+                const f8 low_level = levels_at8(s, &levels, low), gap = levels_at8(s, &levels, low + 1) - low_level;
+                f8 frac = (load8(y + i) - low_level) / select8(gap > 0.0f, gap, splat8(1.0f));
+                frac = select8(frac < 0.0f, splat8(0.0f), select8(frac > 1.0f, splat8(1.0f), frac));
+                store8i(w->codes + i, low - (noise8(s->key, start + i) < frac));
             }
         }
         pack_block(w->codes, s->bits, block_size, codes);
