@@ -6,9 +6,10 @@
  *
  *   gcc -O3 -ffp-contract=off -fno-math-errno -fno-trapping-math -std=c11 -march=native \
  *       benchmarks/kernel_driver.c -o /tmp/kernel_driver -lm
- *   [LOGN=20] [FP8=0|1] taskset -c 1 /tmp/kernel_driver [REPS=300] [M_BITS=2..8|32] [V_BITS=2..8|32] [V_STOCHASTIC=1|0]
+ *   [LOGN=20] [FP8=0|1] [M_STOCHASTIC=0|1] taskset -c 1 /tmp/kernel_driver [REPS=300] [M_BITS=2..8|32] [V_BITS=2..8|32] [V_STOCHASTIC=1|0]
  *
- * FP8=1 steps a float8 E4M3 weight (row scales, ECO, stochastic rounding) instead.
+ * FP8=1 steps a float8 E4M3 weight (row scales, ECO, stochastic rounding) instead; M_STOCHASTIC=1
+ * rounds m stochastically.
  */
 #define _POSIX_C_SOURCE 199309L
 #include <stdio.h>
@@ -66,7 +67,8 @@ int main(int argc, char **argv) {
     if (m_bits == 32) {
         m = (state_t){.kind = KIND_FLOAT, .values = calloc((size_t)n, 4)};
     } else {
-        m = (state_t){.kind = KIND_CODEBOOK, .bits = m_bits, .codes = calloc((size_t)n, 1),
+        m = (state_t){.kind = KIND_CODEBOOK, .bits = m_bits, .codes = calloc((size_t)n, 1), .key = 5,
+                      .stochastic = getenv("M_STOCHASTIC") && atoi(getenv("M_STOCHASTIC")),
                       .scales = calloc((size_t)blocks, 4), .levels = levels, .mids = mids};
     }
     if (v_bits == 32) {
