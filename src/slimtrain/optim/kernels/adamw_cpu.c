@@ -596,9 +596,12 @@ static void decode_group_elements(const state_t *s, int64_t first, int count, in
         const int how = !log_map ? FROM_LEVELS : near[b] ? EXP2_NEAR : EXP2_ANY;
 #define ELEMENTS_CASE(BITS) \
         case BITS: \
-            if (how == FROM_LEVELS) decode_block_elements(codes, BITS, FROM_LEVELS, block_size, top_b, step_b, s->levels, scale, values); \
-            else if (how == EXP2_NEAR) decode_block_elements(codes, BITS, EXP2_NEAR, block_size, top_b, step_b, NULL, scale, values); \
-            else decode_block_elements(codes, BITS, EXP2_ANY, block_size, top_b, step_b, NULL, scale, values); \
+            if (how == FROM_LEVELS) \
+                decode_block_elements(codes, BITS, FROM_LEVELS, block_size, top_b, step_b, s->levels, scale, values); \
+            else if (how == EXP2_NEAR) \
+                decode_block_elements(codes, BITS, EXP2_NEAR, block_size, top_b, step_b, NULL, scale, values); \
+            else \
+                decode_block_elements(codes, BITS, EXP2_ANY, block_size, top_b, step_b, NULL, scale, values); \
             break;
         switch (bits) { EACH_CODE_WIDTH(ELEMENTS_CASE) }
 #undef ELEMENTS_CASE
@@ -695,7 +698,8 @@ static void encode_codebook_group(const state_t *s, int64_t first, int count, in
             count_below(w->search, y, block_size, 1, w->counts);
             for (int64_t i = 0; i < block_size; i += 8) { /* up from level low with p = frac */
                 const i8 low = load8i(w->counts + i);
-                const f8 low_level = levels_at8(s, &levels, low), gap = levels_at8(s, &levels, low + 1) - low_level;
+                const f8 low_level = levels_at8(s, &levels, low);
+                const f8 gap = levels_at8(s, &levels, low + 1) - low_level;
                 f8 frac = (load8(y + i) - low_level) / select8(gap > 0.0f, gap, splat8(1.0f));
                 frac = select8(frac < 0.0f, splat8(0.0f), select8(frac > 1.0f, splat8(1.0f), frac));
                 store8i(w->codes + i, low - (noise8(s->key, start + i) < frac));
