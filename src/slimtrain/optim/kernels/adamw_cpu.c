@@ -202,11 +202,14 @@ static inline f8 exp2_poly8(f8 r) {
     return p;
 }
 
+/* exp2_8 of lanes all in [-125, 126] (its one-scaling path) */
+static inline f8 exp2_near8(f8 y) {
+    const f8 n = floor8(y + 0.5f);
+    return exp2_poly8(y - n) * power_of_two8(__builtin_convertvector(n, i8));
+}
+
 static inline f8 exp2_8(f8 y) {
-    if (!any8(~((y >= -125.0f) & (y <= 126.0f)))) { /* NaN fails both comparisons */
-        const f8 n = floor8(y + 0.5f);
-        return exp2_poly8(y - n) * power_of_two8(__builtin_convertvector(n, i8));
-    }
+    if (!any8(~((y >= -125.0f) & (y <= 126.0f)))) return exp2_near8(y); /* NaN fails both */
     const i8 below = y < -252.0f, above = y > 254.0f;
     const f8 clamped = select8(below, splat8(-252.0f), select8(above, splat8(254.0f), y));
     const f8 n = floor8(clamped + 0.5f);
@@ -468,6 +471,17 @@ int search_lanes(const float *table, int n, int64_t count, const float *x, int i
  * registers; states with more levels are decoded element by element (decode_group_elements). */
 #define TABLE_LEVELS 16
 
+/* table[index] lane by lane, from memory */
+static inline f8 gather8(const float *table, i8 index) {
+#if defined(__AVX2__)
+    return (f8)_mm256_i32gather_ps(table, (__m256i)index, 4);
+#else
+    f8 out;
+    for (int j = 0; j < 8; ++j) out[j] = table[index[j]];
+    return out;
+#endif
+}
+
 /* a table of at most TABLE_LEVELS entries in two vectors: entries 0-7 in low, 8-15 in high */
 typedef struct { f8 low, high; } table_t;
 
@@ -560,16 +574,10 @@ static inline __attribute__((always_inline)) void decode_block_elements(
         const i8 k = unpack8(codes + bits * g, bits);
         f8 v;
         if (how == FROM_LEVELS) {
-            for (int j = 0; j < 8; ++j) v[j] = levels[k[j]];
-            v = v * scale;
+            v = gather8(levels, k) * scale;
         } else {
             const f8 y = log_top - step * __builtin_convertvector(k, f8);
-            if (how == EXP2_NEAR) {
-                const f8 n = floor8(y + 0.5f);
-                v = exp2_poly8(y - n) * power_of_two8(__builtin_convertvector(n, i8));
-            } else {
-                v = exp2_8(y);
-            }
+            v = how == EXP2_NEAR ? exp2_near8(y) : exp2_8(y);
         }
         memcpy(values + 8 * g, &v, sizeof v);
     }
@@ -635,13 +643,7 @@ static inline f8 levels_at8(const state_t *s, const table_t *levels, i8 codes) {
     if (s->bits == 2) return lookup8(*levels, codes, 4);
     if (s->bits == 3) return lookup8(*levels, codes, 8);
     if (s->bits == 4) return lookup8(*levels, codes, 16);
-#if defined(__AVX2__)
-    return (f8)_mm256_i32gather_ps(s->levels, (__m256i)codes, 4);
-#else
-    f8 out;
-    for (int j = 0; j < 8; ++j) out[j] = s->levels[codes[j]];
-    return out;
-#endif
+    return gather8(s->levels, codes);
 }
 
 /* one block's codes from its values x * boost * inverse, rounded to the nearest of at most
@@ -672,7 +674,8 @@ static void encode_codebook_group(const state_t *s, int64_t first, int count, in
     const int small = !s->stochastic && w->search->n <= SMALL_TABLE;
     const small_search_t small_search = small ? small_search_of(w->search) : (small_search_t){0};
     const int size = 1 << s->bits;
-    const table_t levels = size <= TABLE_LEVELS ? codebook_table(s->levels, size, 1.0f) : (table_t){0};
+    const table_t levels = /* what stochastic rounding interpolates between, up to 16 levels */
+        s->stochastic && size <= TABLE_LEVELS ? codebook_table(s->levels, size, 1.0f) : (table_t){0};
     for (int b = 0; b < count; ++b) {
         const int64_t block = first + b, start = block * block_size;
         const float *xb = x + b * block_size;
