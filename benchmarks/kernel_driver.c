@@ -1,12 +1,14 @@
-/* The CPU kernel's AdamW step on its own, for profiling without Python (`perf record`): one
- * float32 parameter of 2^LOGN elements (default 2^20, resident in L3) with m in M_BITS-bit
- * dynamic-exponent codes (2 to 8, default 4; or float32) and v on V_BITS-bit logarithmic levels
- * (2 to 8, default 2; or float32), one thread; prints the best and mean ns per parameter over
- * REPS steps and a hash of the result (the same hash: the same bits).
+/* The CPU kernel's AdamW step on its own, for profiling without Python (`perf record`,
+ * `valgrind --tool=callgrind`): one float32 parameter of 2^LOGN elements (default 2^20, resident
+ * in L3) with m in M_BITS-bit dynamic-exponent codes (2 to 8, default 4; or float32) and v on
+ * V_BITS-bit logarithmic levels (2 to 8, default 2; or float32), THREADS threads (default 1);
+ * prints the best and mean ns per parameter over REPS steps and a hash of the result (the same
+ * hash: the same bits). The kernel is called as Python calls it, through a pointer, so that the
+ * compiler specializes it on nothing this driver knows.
  *
- *   gcc -O3 -ffp-contract=off -fno-math-errno -fno-trapping-math -std=c11 -march=native \
+ *   gcc -O3 -ffp-contract=off -fno-math-errno -fno-trapping-math -std=c11 -march=native -fopenmp \
  *       benchmarks/kernel_driver.c -o /tmp/kernel_driver -lm
- *   [LOGN=20] [FP8=0|1] [M_STOCHASTIC=0|1] taskset -c 1 /tmp/kernel_driver [REPS=300] [M_BITS=2..8|32] [V_BITS=2..8|32] [V_STOCHASTIC=1|0]
+ *   [LOGN=20] [FP8=0|1] [M_STOCHASTIC=0|1] [THREADS=1] taskset -c 1 /tmp/kernel_driver [REPS=300] [M_BITS=2..8|32] [V_BITS=2..8|32] [V_STOCHASTIC=1|0]
  *
  * FP8=1 steps a float8 E4M3 weight (row scales, ECO, stochastic rounding) instead; M_STOCHASTIC=1
  * rounds m stochastically.
@@ -28,6 +30,16 @@ static float uniform(void) { /* in [-1, 1) */
     random_state = random_state * 1664525u + 1013904223u;
     return (float)(random_state >> 8) * (2.0f / 16777216.0f) - 1.0f;
 }
+
+/* the kernel's entry points through pointers the compiler cannot see through, as Python calls the
+ * shared library: none of this driver's constants (the block size, the states' fields) are
+ * propagated into the kernel */
+static int (*volatile step_blocks_entry)(int, int64_t, int64_t, int64_t, int64_t, float *, const float *,
+                                         const state_t *, const state_t *, const adamw_scalars_t *) =
+    adamw_step_blocks;
+static int (*volatile step_weight_rows_entry)(int, int64_t, int64_t, int64_t, int64_t, const weight_t *,
+                                              const float *, const state_t *, const state_t *,
+                                              const adamw_scalars_t *) = adamw_step_weight_rows;
 
 int main(int argc, char **argv) {
     const int64_t n = (int64_t)1 << (getenv("LOGN") ? atoi(getenv("LOGN")) : 20), block = 128;
@@ -81,6 +93,7 @@ int main(int argc, char **argv) {
     /* FP8=1: the parameter is a (n / 1024, 1024) float8 E4M3 weight with row scales, updated
      * with ECO and stochastic rounding (random codes, NaN codes excluded, scales 1/448) */
     const int fp8 = getenv("FP8") && atoi(getenv("FP8"));
+    const int threads = getenv("THREADS") ? atoi(getenv("THREADS")) : 1;
     const int64_t cols = 1024, rows = n / cols;
     weight_t weight = {.rows = rows, .cols = cols, .group = cols, .format = WEIGHT_FLOAT8,
                        .mantissa_bits = 3, .exponent_bias = 7, .max = 448.0f, .stochastic = 1,
@@ -91,8 +104,8 @@ int main(int argc, char **argv) {
     double best = 1e9, total = 0;
     for (int r = 0; r < reps; ++r) {
         const double start = seconds();
-        if (fp8) adamw_step_weight_rows(1, block, 0, rows, &weight, grad, &m, &v, &scalars); /* a row per unit */
-        else adamw_step_blocks(n, block, 0, blocks, param, grad, &m, &v, &scalars);
+        if (fp8) step_weight_rows_entry(threads, 1, block, 0, rows, &weight, grad, &m, &v, &scalars); /* a row per unit */
+        else step_blocks_entry(threads, n, block, 0, blocks, param, grad, &m, &v, &scalars);
         const double took = seconds() - start;
         total += took;
         best = took < best ? took : best;

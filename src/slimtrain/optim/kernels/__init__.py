@@ -19,7 +19,6 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -34,9 +33,12 @@ from slimtrain.weights.tensor import QuantizedWeight, WeightFormat, is_low_preci
 
 SOURCE = Path(__file__).with_name("adamw_cpu.c")
 # -ffp-contract=off: no fused multiply-add, so that every operation rounds as the eager step's does;
-# -fno-trapping-math lets branch-free selects vectorize (it changes no result)
+# -fno-trapping-math lets branch-free selects vectorize (it changes no result); -fopenmp links
+# libgomp, the one torch loads, so that the kernels' threads are torch's (dropped, and the parts of
+# a step run one after another, where the compiler has no OpenMP)
+OPENMP = "-fopenmp"
 FLAGS = ("-O3", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-shared", "-fPIC",
-         "-std=c11")
+         "-std=c11", OPENMP)
 MARCH_VARIABLE = "SLIMTRAIN_KERNEL_MARCH"  # gcc's -march: "native" (default) or e.g. "x86-64"
 
 
@@ -73,8 +75,11 @@ def _build(target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         built = Path(tmp) / target.name
-        result = subprocess.run([compiler, *compiler_flags(), str(SOURCE), "-o", str(built), "-lm"],
-                                capture_output=True, text=True)
+        for flags in (compiler_flags(), tuple(f for f in compiler_flags() if f != OPENMP)):
+            result = subprocess.run([compiler, *flags, str(SOURCE), "-o", str(built), "-lm"],
+                                    capture_output=True, text=True)
+            if result.returncode == 0:
+                break
         if result.returncode != 0:
             raise OSError(f"{compiler} failed: {result.stderr.strip()[:500]}")
         os.replace(built, target)  # atomic: concurrent processes never load a partial file
@@ -142,18 +147,18 @@ class SGDScalars(ctypes.Structure):
 def _declare(library: ctypes.CDLL) -> None:
     library.adamw_step_blocks.restype = ctypes.c_int
     library.adamw_step_blocks.argtypes = [
-        ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
+        ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
         ctypes.c_void_p, ctypes.POINTER(StateArgs), ctypes.POINTER(StateArgs),
         ctypes.POINTER(AdamWScalars),
     ]
     library.sgd_step_blocks.restype = ctypes.c_int
     library.sgd_step_blocks.argtypes = [
-        ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
+        ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
         ctypes.c_void_p, ctypes.POINTER(StateArgs), ctypes.POINTER(SGDScalars),
     ]
     library.sgd_step_weight_rows.restype = ctypes.c_int
     library.sgd_step_weight_rows.argtypes = [
-        ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+        ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
         ctypes.POINTER(WeightArgs), ctypes.c_void_p, ctypes.POINTER(StateArgs), ctypes.POINTER(SGDScalars),
     ]
     library.float8_stochastic_codes.restype = None
@@ -168,7 +173,7 @@ def _declare(library: ctypes.CDLL) -> None:
     library.elementary_lanes.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
     library.adamw_step_weight_rows.restype = ctypes.c_int
     library.adamw_step_weight_rows.argtypes = [
-        ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+        ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
         ctypes.POINTER(WeightArgs), ctypes.c_void_p, ctypes.POINTER(StateArgs),
         ctypes.POINTER(StateArgs), ctypes.POINTER(AdamWScalars),
     ]
@@ -281,34 +286,24 @@ def run_step(kernels: tuple[Callable[..., int], Callable[..., int]], layout: str
         run_blocks(blocks_kernel, param.numel(), block_size, param.data_ptr(), grad.data_ptr(), *args)
 
 
-_pool: ThreadPoolExecutor | None = None
 MIN_BLOCKS_PER_THREAD = 64
 
 
 def run_blocks(kernel: Callable[..., int], size: int, block_size: int, *args: Any,
                units: int | None = None) -> None:
-    """Call ``kernel(size, block_size, first, last, *args)`` over the blocks of a tensor of
-    ``size`` elements, or over ``units`` units of ``size`` elements (weight rows: ``size`` is
-    then rows per unit), split across ``torch.get_num_threads()`` threads; ctypes releases the
-    GIL during each call."""
-    global _pool
+    """Call ``kernel(threads, size, block_size, 0, units, *args)`` over the blocks of a tensor of
+    ``size`` elements, or over ``units`` units of ``size`` elements (weight rows: ``size`` is then
+    rows per unit); the kernel splits them across ``threads`` (``torch.get_num_threads()``, fewer
+    for small tensors) OpenMP threads, torch's own. ctypes releases the GIL during the call."""
     blocks = -(-size // block_size) if units is None else units * size // block_size
     units = -(-size // block_size) if units is None else units
     threads = max(1, min(torch.get_num_threads(), blocks // MIN_BLOCKS_PER_THREAD, units))
-    bounds = [units * i // threads for i in range(threads + 1)]
-    calls = [(size, block_size, bounds[i], bounds[i + 1], *args) for i in range(threads)]
-    if threads > 1:
-        if _pool is None or _pool._max_workers < threads - 1:
-            _pool = ThreadPoolExecutor(max_workers=threads - 1, thread_name_prefix="slimtrain")
-        pending = [_pool.submit(kernel, *call) for call in calls[1:]]
-        statuses = [kernel(*calls[0])] + [future.result() for future in pending]
-    else:
-        statuses = [kernel(*calls[0])]
-    if 2 in statuses:
+    status = kernel(threads, size, block_size, 0, units, *args)
+    if status == 2:
         raise MemoryError("the C kernel could not allocate its workspace")
-    if 3 in statuses:
+    if status == 3:
         raise ValueError("the C kernel cannot search this codebook: its levels must lie in [-1, 1], "
                          "neighbours at least 1/256 of their magnitude apart")
-    if any(statuses):
+    if status:
         raise ValueError(f"kernel rejected block_size={block_size}: a multiple of 8 up to 65536 "
                          "(that divides the rows of a quantized weight, whose scale groups divide its rows)")

@@ -1118,20 +1118,37 @@ static inline __attribute__((always_inline)) int step_blocks(
     return 0;
 }
 
-int adamw_step_blocks(int64_t numel, int64_t block_size, int64_t first_block, int64_t last_block,
-                      float *param, const float *grad, const state_t *m, const state_t *v,
-                      const adamw_scalars_t *c) {
-    return step_blocks(RULE_ADAMW, numel, block_size, first_block, last_block, param, grad, m, v, c, NULL);
+/* The exported steps split units first .. last - 1 evenly among `threads` OpenMP threads (torch's
+ * own pool where torch's libgomp is loaded, whose workers still spin after torch's last parallel
+ * op; one after another where the library was built without OpenMP) and return the largest status
+ * of the parts. STEP(from, to, block_size) steps one part; the default block size of 128 gets its
+ * own copy of the step, with constant trip counts. */
+#define SPLIT_ACROSS_THREADS(threads, first, last, block_size, STEP) do { \
+    int status = 0; \
+    _Pragma("omp parallel for num_threads(threads) schedule(static, 1) reduction(max: status)") \
+    for (int t = 0; t < threads; ++t) { \
+        const int64_t from = first + (last - first) * t / threads; \
+        const int64_t to = first + (last - first) * (t + 1) / threads; \
+        const int part = block_size == 128 ? STEP(from, to, 128) : STEP(from, to, block_size); \
+        status = part > status ? part : status; \
+    } \
+    return status; \
+} while (0)
+
+int adamw_step_blocks(int threads, int64_t numel, int64_t block_size, int64_t first_block,
+                      int64_t last_block, float *param, const float *grad, const state_t *m,
+                      const state_t *v, const adamw_scalars_t *c) {
+#define ADAMW_BLOCKS(FROM, TO, SIZE) step_blocks(RULE_ADAMW, numel, SIZE, FROM, TO, param, grad, m, v, c, NULL)
+    SPLIT_ACROSS_THREADS(threads, first_block, last_block, block_size, ADAMW_BLOCKS);
 }
 
 /* the same step under SGD with a momentum buffer */
-int sgd_step_blocks(int64_t numel, int64_t block_size, int64_t first_block, int64_t last_block,
-                    float *param, const float *grad, const state_t *buffer, const sgd_scalars_t *c) {
-    return step_blocks(RULE_SGD, numel, block_size, first_block, last_block, param, grad, buffer, NULL,
-                       NULL, c);
+int sgd_step_blocks(int threads, int64_t numel, int64_t block_size, int64_t first_block,
+                    int64_t last_block, float *param, const float *grad, const state_t *buffer,
+                    const sgd_scalars_t *c) {
+#define SGD_BLOCKS(FROM, TO, SIZE) step_blocks(RULE_SGD, numel, SIZE, FROM, TO, param, grad, buffer, NULL, NULL, c)
+    SPLIT_ACROSS_THREADS(threads, first_block, last_block, block_size, SGD_BLOCKS);
 }
-
-
 
 /* The step of a (rows, cols) quantized weight (float8, int8 or int4 codes; a scale per row or per
  * group of a row), in units of rows_per_unit rows (a whole number of rows and of state blocks:
@@ -1208,17 +1225,17 @@ static inline __attribute__((always_inline)) int step_weight_rows(
     return 0;
 }
 
-int adamw_step_weight_rows(int64_t rows_per_unit, int64_t block_size, int64_t first_unit,
+int adamw_step_weight_rows(int threads, int64_t rows_per_unit, int64_t block_size, int64_t first_unit,
                            int64_t last_unit, const weight_t *f, const float *grad,
                            const state_t *m, const state_t *v, const adamw_scalars_t *c) {
-    return step_weight_rows(RULE_ADAMW, rows_per_unit, block_size, first_unit, last_unit, f, grad, m, v, c,
-                            NULL);
+#define ADAMW_ROWS(FROM, TO, SIZE) step_weight_rows(RULE_ADAMW, rows_per_unit, SIZE, FROM, TO, f, grad, m, v, c, NULL)
+    SPLIT_ACROSS_THREADS(threads, first_unit, last_unit, block_size, ADAMW_ROWS);
 }
 
 /* the same step under SGD with a momentum buffer (ECO: buffer += error * eco_scale) */
-int sgd_step_weight_rows(int64_t rows_per_unit, int64_t block_size, int64_t first_unit,
+int sgd_step_weight_rows(int threads, int64_t rows_per_unit, int64_t block_size, int64_t first_unit,
                          int64_t last_unit, const weight_t *f, const float *grad,
                          const state_t *buffer, const sgd_scalars_t *c) {
-    return step_weight_rows(RULE_SGD, rows_per_unit, block_size, first_unit, last_unit, f, grad, buffer,
-                            NULL, NULL, c);
+#define SGD_ROWS(FROM, TO, SIZE) step_weight_rows(RULE_SGD, rows_per_unit, SIZE, FROM, TO, f, grad, buffer, NULL, NULL, c)
+    SPLIT_ACROSS_THREADS(threads, first_unit, last_unit, block_size, SGD_ROWS);
 }
