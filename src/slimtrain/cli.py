@@ -244,6 +244,7 @@ def _bench(args: argparse.Namespace) -> int:
             print(f"{row['name']:<34}{row['numel']:>11,}{row['speedup']:>10.3g}")
     print(f"device {report['device']}; copy bandwidth {report['copy_bandwidth_gbs']:.1f} GB/s{kernel_note}")
     if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(report, indent=1))
     return 0
 

@@ -197,6 +197,19 @@ def test_threads_split_blocks_without_changing_results():
     assert torch.equal(single, several)
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads Linux's /proc/self/maps")
+def test_kernel_threads_are_torchs_own():
+    """The library links libgomp, and the process loads it once, torch's: the kernels' threads are
+    the workers torch's parallel ops use, not a second pool competing with them for the cores."""
+    library = kernels.cpu_kernels()
+    assert library is not None
+    with open("/proc/self/maps") as maps:
+        loaded = {line.split()[-1] for line in maps if "libgomp" in line}
+    assert len(loaded) == 1, loaded
+    linked = subprocess.run(["ldd", library._name], capture_output=True, text=True).stdout
+    assert "libgomp" in linked
+
+
 def run_weight(fused: bool, shape, fmt: str = "fp8_e4m3", steps: int = 4, device: str = "cpu",
                granularity: str = "row", group_size: int = 32, optimizer=st.AdamW, **options):
     """As :func:`run` for a quantized weight (float8 with row scales by default)."""

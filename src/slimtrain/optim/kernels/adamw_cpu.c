@@ -860,12 +860,19 @@ typedef struct {
     float max, smallest_normal, subnormal_units, unbias;
 } weight_layout_t;
 
-static weight_layout_t layout_of(const weight_t *f) {
+static inline __attribute__((always_inline)) weight_layout_t layout_of(const weight_t *f) {
     weight_layout_t l = {f->format, f->mantissa_bits, f->exponent_bias, f->max,
                          power_of_two(1 - f->exponent_bias),
                          power_of_two(f->exponent_bias - 1 + f->mantissa_bits),
                          power_of_two(127 - f->exponent_bias)};
     return l;
+}
+
+/* float8 E4M3 (the default weight format): the steps get a copy with its layout's constants */
+static const weight_t E4M3 = {.format = WEIGHT_FLOAT8, .mantissa_bits = 3, .exponent_bias = 7, .max = 448.0f};
+static inline int is_e4m3(const weight_t *f) {
+    return f->format == E4M3.format && f->mantissa_bits == E4M3.mantissa_bits &&
+           f->exponent_bias == E4M3.exponent_bias && f->max == E4M3.max;
 }
 
 /* the values of 8 float8 codes, exactly as torch decodes every finite code: the code's exponent
@@ -1155,11 +1162,13 @@ int sgd_step_blocks(int threads, int64_t numel, int64_t block_size, int64_t firs
  * lcm(cols, block_size) elements, the last unit possibly shorter). Each row is decoded, updated,
  * re-quantized with the new absmax of each scale's elements (the rounding error fed back into m
  * under ECO) and the unit's state blocks encoded, as slimtrain.optim.base.step_chunk_ does for
- * the whole weight, under `rule` (m and v as for step_blocks). */
+ * the whole weight, under `rule` (m and v as for step_blocks); e4m3: f is float8 E4M3 (is_e4m3),
+ * whose layout is then a constant. */
 static inline __attribute__((always_inline)) int step_weight_rows(
-    int rule, int64_t rows_per_unit, int64_t block_size, int64_t first_unit, int64_t last_unit,
+    int rule, int e4m3, int64_t rows_per_unit, int64_t block_size, int64_t first_unit, int64_t last_unit,
     const weight_t *f, const float *grad, const state_t *m, const state_t *v,
     const adamw_scalars_t *adamw, const sgd_scalars_t *sgd) {
+    const weight_layout_t l = layout_of(e4m3 ? &E4M3 : f);
     const int64_t cols = f->cols, unit = rows_per_unit * cols, group = f->group;
     if (block_size <= 0 || block_size % 8 || block_size > 65536 || unit % block_size) return 1;
     if (group <= 0 || cols % group || (f->format == WEIGHT_INT4 && group % 8)) return 1;
@@ -1171,7 +1180,6 @@ static inline __attribute__((always_inline)) int step_weight_rows(
     const int64_t numel = f->rows * cols, groups_per_row = cols / group;
     const update_constants_t k = rule == RULE_ADAMW ? constants_of(adamw) : (update_constants_t){0};
     const sgd_scalars_t ks = rule == RULE_SGD ? *sgd : (sgd_scalars_t){0};
-    const weight_layout_t l = layout_of(f);
     const int eco = f->eco, stochastic = f->stochastic;
     const float eco_scale = f->eco_scale;
     const uint32_t key = f->key;
@@ -1228,7 +1236,9 @@ static inline __attribute__((always_inline)) int step_weight_rows(
 int adamw_step_weight_rows(int threads, int64_t rows_per_unit, int64_t block_size, int64_t first_unit,
                            int64_t last_unit, const weight_t *f, const float *grad,
                            const state_t *m, const state_t *v, const adamw_scalars_t *c) {
-#define ADAMW_ROWS(FROM, TO, SIZE) step_weight_rows(RULE_ADAMW, rows_per_unit, SIZE, FROM, TO, f, grad, m, v, c, NULL)
+#define ADAMW_ROWS(FROM, TO, SIZE) (is_e4m3(f) \
+    ? step_weight_rows(RULE_ADAMW, 1, rows_per_unit, SIZE, FROM, TO, f, grad, m, v, c, NULL) \
+    : step_weight_rows(RULE_ADAMW, 0, rows_per_unit, SIZE, FROM, TO, f, grad, m, v, c, NULL))
     SPLIT_ACROSS_THREADS(threads, first_unit, last_unit, block_size, ADAMW_ROWS);
 }
 
@@ -1236,6 +1246,8 @@ int adamw_step_weight_rows(int threads, int64_t rows_per_unit, int64_t block_siz
 int sgd_step_weight_rows(int threads, int64_t rows_per_unit, int64_t block_size, int64_t first_unit,
                          int64_t last_unit, const weight_t *f, const float *grad,
                          const state_t *buffer, const sgd_scalars_t *c) {
-#define SGD_ROWS(FROM, TO, SIZE) step_weight_rows(RULE_SGD, rows_per_unit, SIZE, FROM, TO, f, grad, buffer, NULL, NULL, c)
+#define SGD_ROWS(FROM, TO, SIZE) (is_e4m3(f) \
+    ? step_weight_rows(RULE_SGD, 1, rows_per_unit, SIZE, FROM, TO, f, grad, buffer, NULL, NULL, c) \
+    : step_weight_rows(RULE_SGD, 0, rows_per_unit, SIZE, FROM, TO, f, grad, buffer, NULL, NULL, c))
     SPLIT_ACROSS_THREADS(threads, first_unit, last_unit, block_size, SGD_ROWS);
 }
