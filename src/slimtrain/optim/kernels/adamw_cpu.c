@@ -107,13 +107,16 @@ static inline int any8(i8 mask) {
 #endif
 }
 
-/* noise_at of the 8 indices index .. index + 7 */
-static inline f8 noise8(uint32_t key, int64_t index) {
+/* noise_at of the 8 indices index .. index + 7 times 2^24: integers in [0, 2^24) */
+static inline i8 noise_bits8(uint32_t key, int64_t index) {
     u8v x = ((u8v){0} + ((uint32_t)index + key)) + LANE;
     for (int round = 0; round < 2; ++round) x = ((x >> 16) ^ x) * 0x45D9F3Bu;
     x = (x >> 16) ^ x;
-    return __builtin_convertvector((i8)(x >> 8), f8) * (1.0f / 16777216.0f);
+    return (i8)(x >> 8);
 }
+static inline f8 noise_of_bits8(i8 bits) { return __builtin_convertvector(bits, f8) * (1.0f / 16777216.0f); }
+/* noise_at of the 8 indices index .. index + 7 */
+static inline f8 noise8(uint32_t key, int64_t index) { return noise_of_bits8(noise_bits8(key, index)); }
 
 static inline float lanes_max(f8 v, float start) {
     for (int j = 0; j < 8; ++j) start = v[j] > start ? v[j] : start;
@@ -927,23 +930,23 @@ static inline i8 float8_stochastic_general8(f8 y, f8 noise, weight_layout_t l) {
 
 /* float8_stochastic_general8 in integers, the same bits, where every |y| is a normal float8 (else
  * the general path). Between the codes below and above |y| (`lower`, a truncation of its bits,
- * and lower + 1) y sits at discarded / 2^shift of the gap, exactly; the noise is k / 2^24, k an
- * integer. The general path rounds from the nearest code to the other one when noise < the
- * distance to the nearest over the gap: with nearest = lower that is k < discarded * 2^(24 -
- * shift), with nearest = lower + 1 it is k < (2^shift - discarded) * 2^(24 - shift). */
-static inline i8 float8_stochastic8(f8 y, f8 noise, weight_layout_t l) {
+ * and lower + 1) y sits at d / 2^shift of the gap, exactly; the nearest is lower + 1 where
+ * d + (lower & 1) > 2^(shift - 1) (ties to even). The noise is k / 2^24 (k: noise_bits), and
+ * j = k >> (24 - shift) in [0, 2^shift). The general path rounds from the nearest code to the
+ * other one when noise < the distance to the nearest over the gap: with nearest = lower that is
+ * k < d * 2^(24 - shift), i.e. j < d, so it takes lower + 1 where j < d; with nearest = lower + 1
+ * it keeps it where k >= (2^shift - d) * 2^(24 - shift), i.e. (2^shift - 1 - j) < d, and
+ * 2^shift - 1 - j = j ^ (2^shift - 1). */
+static inline i8 float8_stochastic8(f8 y, i8 noise_bits, weight_layout_t l) {
     const f8 a = (f8)((i8)y & 0x7FFFFFFF);
-    if (any8(a < l.smallest_normal)) return float8_stochastic_general8(y, noise, l);
+    if (any8(a < l.smallest_normal)) return float8_stochastic_general8(y, noise_of_bits8(noise_bits), l);
     const int shift = 23 - l.mantissa_bits;
     const i8 bits = (i8)a, sign = ((i8)y >> 24) & 0x80;
-    const i8 discarded = bits & ((1 << shift) - 1);
+    const i8 d = bits & ((1 << shift) - 1);
     const i8 lower = (bits >> shift) - ((127 - l.exponent_bias) << l.mantissa_bits);
-    const i8 half = (i8){0} + (1 << (shift - 1));
-    const i8 nearest_up = (discarded > half) | ((discarded == half) & ((lower & 1) == 1));
-    const i8 k = __builtin_convertvector(noise * 16777216.0f, i8);
-    const i8 distance = (nearest_up & ((1 << shift) - discarded)) | (~nearest_up & discarded);
-    const i8 to_other = k < (distance << (24 - shift));
-    const i8 up = nearest_up ^ to_other; /* -1 where the code above is taken */
+    const i8 nearest_up = (d + (lower & 1)) > (1 << (shift - 1));
+    const i8 j = noise_bits >> (24 - shift);
+    const i8 up = (j ^ (nearest_up & ((1 << shift) - 1))) < d; /* -1 where lower + 1 is taken */
     return sign | (lower - up);
 }
 
@@ -953,7 +956,10 @@ void float8_stochastic_codes(int64_t count, const float *y, const float *noise, 
                              int32_t exponent_bias, float max, uint8_t *codes) {
     const weight_t f = {.mantissa_bits = mantissa_bits, .exponent_bias = exponent_bias, .max = max};
     const weight_layout_t l = layout_of(&f);
-    FOR_PARTS(count, store_codes(codes + i, float8_stochastic8(load_part(y + i, n), load_part(noise + i, n), l), n);)
+    FOR_PARTS(count, {
+        const i8 noise_bits = __builtin_convertvector(load_part(noise + i, n) * 16777216.0f, i8);
+        store_codes(codes + i, float8_stochastic8(load_part(y + i, n), noise_bits, l), n);
+    })
 }
 
 /* n <= 8 codes of a weight from element `at` of `codes`, as their unscaled values (int4: n == 8,
@@ -969,17 +975,19 @@ static inline f8 clamp8(f8 y, f8 top) { return max8(-top, min8(top, y)); }
 
 /* Round n <= 8 scaled values y (|y| <= max up to the division's rounding) to codes stored from
  * element `at`, as slimtrain.quant.formats.quantize_weight does; returns the codes' unscaled
- * values. `noise`: the stochastic-rounding noise of these elements, or NULL for nearest. */
-static inline f8 weight_encode8(f8 y, const f8 *noise, uint8_t *codes, int64_t at, int64_t n,
+ * values. `noise_bits`: the stochastic-rounding noise of these elements (noise_bits8), or NULL for
+ * nearest. */
+static inline f8 weight_encode8(f8 y, const i8 *noise_bits, uint8_t *codes, int64_t at, int64_t n,
                                 weight_layout_t l) {
     const f8 top = splat8(l.max);
     if (l.format == WEIGHT_FLOAT8) {
         y = clamp8(y, top);
-        const i8 code = noise ? float8_stochastic8(y, *noise, l) : float8_nearest8(y, l);
+        const i8 code = noise_bits ? float8_stochastic8(y, *noise_bits, l) : float8_nearest8(y, l);
         store_codes(codes + at, code, n);
         return float8_decode8(code, l);
     }
-    f8 r = floor8(y + (noise ? *noise : splat8(0.5f))); /* rounding.round_stochastic, then clamp */
+    /* rounding.round_stochastic, then clamp */
+    f8 r = floor8(y + (noise_bits ? noise_of_bits8(*noise_bits) : splat8(0.5f)));
     r = clamp8(r, top);
     const i8 value = __builtin_convertvector(r, i8);
     if (l.format == WEIGHT_INT8) store_codes(codes + at, value & 0xFF, n);
@@ -1214,7 +1222,7 @@ static inline __attribute__((always_inline)) int step_weight_rows(
                 const f8 divisor = splat8(new_scale > 0.0f ? new_scale : 1.0f);
                 FOR_PARTS(group, {
                     const f8 x = load_part(values + i, n);
-                    const f8 noise = stochastic ? noise8(key, at + i) : splat8(0.0f);
+                    const i8 noise = stochastic ? noise_bits8(key, at + i) : (i8){0};
                     const f8 stored = weight_encode8(x / divisor, stochastic ? &noise : NULL, codes, at + i, n, l);
                     if (eco) { /* AdamW: m += (eco_scale * denominator) * e, SGD: m += e * eco_scale */
                         const f8 error = x - stored * new_scale;
