@@ -1,7 +1,7 @@
 """Hand-written CPU kernels in C, compiled with the system C compiler on first use.
 
 The shared library is cached under ``cache_dir()/kernels`` by a hash of the source, the compiler
-flags and the CPU, so a machine compiles it once (about a second). When no compiler is found or
+flags and the CPU, so a machine compiles it once (about 5 s). When no compiler is found or
 compilation fails, :func:`cpu_kernels` returns None and slimtrain runs the equivalent eager torch
 code (one warning says why).
 """
