@@ -1,5 +1,6 @@
 """The C kernel of the fused AdamW step gives the same bits as the eager torch step."""
 
+import ctypes
 import os
 import platform
 import subprocess
@@ -208,6 +209,30 @@ def test_kernel_threads_are_torchs_own():
     assert len(loaded) == 1, loaded
     linked = subprocess.run(["ldd", library._name], capture_output=True, text=True).stdout
     assert "libgomp" in linked
+
+
+def test_kernel_builds_without_openmp_and_gives_the_same_bits(monkeypatch, tmp_path):
+    """A compiler that rejects -fopenmp still builds the library (its parts then run one after
+    another), and the step keeps its bits with two threads asked for."""
+    bogus = "-fno-such-openmp-flag"
+    monkeypatch.setattr(kernels, "OPENMP", bogus)
+    monkeypatch.setattr(kernels, "FLAGS", tuple(bogus if f == "-fopenmp" else f for f in kernels.FLAGS))
+    target = tmp_path / "serial.so"
+    kernels._build(target)
+    assert "libgomp" not in subprocess.run(["ldd", str(target)], capture_output=True, text=True).stdout
+    serial = ctypes.CDLL(str(target))
+    kernels._declare(serial)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        monkeypatch.setattr(kernels, "_loaded", serial)
+        fused = run(True, (1024, 129), state_bits=(4, 2))
+    finally:
+        torch.set_num_threads(threads)
+    eager = run(False, (1024, 129), state_bits=(4, 2))
+    assert torch.equal(fused[0], eager[0])
+    for key in eager[1]:
+        assert torch.equal(fused[1][key], eager[1][key]), key
 
 
 def run_weight(fused: bool, shape, fmt: str = "fp8_e4m3", steps: int = 4, device: str = "cpu",

@@ -1133,12 +1133,12 @@ static inline __attribute__((always_inline)) int step_blocks(
     return 0;
 }
 
-/* The exported steps split units first .. last - 1 evenly among `threads` OpenMP threads (torch's
- * own pool where torch's libgomp is loaded, whose workers still spin after torch's last parallel
- * op; one after another where the library was built without OpenMP) and return the largest status
- * of the parts. STEP(from, to, block_size) steps one part; the default block size of 128 gets its
- * own copy of the step, with constant trip counts. */
-#define SPLIT_ACROSS_THREADS(threads, first, last, block_size, STEP) do { \
+/* The exported steps split units first .. last - 1 evenly among their argument `threads` of OpenMP
+ * threads (torch's own pool where torch's libgomp is loaded, whose workers still spin after torch's
+ * last parallel op; one after another where the library was built without OpenMP) and return the
+ * largest status of the parts. STEP(from, to, block_size) steps one part; the default block size
+ * of 128 gets its own copy of the step, with constant trip counts. */
+#define SPLIT_ACROSS_THREADS(first, last, block_size, STEP) do { \
     int status = 0; \
     _Pragma("omp parallel for num_threads(threads) schedule(static, 1) reduction(max: status)") \
     for (int t = 0; t < threads; ++t) { \
@@ -1154,7 +1154,7 @@ int adamw_step_blocks(int threads, int64_t numel, int64_t block_size, int64_t fi
                       int64_t last_block, float *param, const float *grad, const state_t *m,
                       const state_t *v, const adamw_scalars_t *c) {
 #define ADAMW_BLOCKS(FROM, TO, SIZE) step_blocks(RULE_ADAMW, numel, SIZE, FROM, TO, param, grad, m, v, c, NULL)
-    SPLIT_ACROSS_THREADS(threads, first_block, last_block, block_size, ADAMW_BLOCKS);
+    SPLIT_ACROSS_THREADS(first_block, last_block, block_size, ADAMW_BLOCKS);
 }
 
 /* the same step under SGD with a momentum buffer */
@@ -1162,7 +1162,7 @@ int sgd_step_blocks(int threads, int64_t numel, int64_t block_size, int64_t firs
                     int64_t last_block, float *param, const float *grad, const state_t *buffer,
                     const sgd_scalars_t *c) {
 #define SGD_BLOCKS(FROM, TO, SIZE) step_blocks(RULE_SGD, numel, SIZE, FROM, TO, param, grad, buffer, NULL, NULL, c)
-    SPLIT_ACROSS_THREADS(threads, first_block, last_block, block_size, SGD_BLOCKS);
+    SPLIT_ACROSS_THREADS(first_block, last_block, block_size, SGD_BLOCKS);
 }
 
 /* The step of a (rows, cols) quantized weight (float8, int8 or int4 codes; a scale per row or per
@@ -1247,7 +1247,7 @@ int adamw_step_weight_rows(int threads, int64_t rows_per_unit, int64_t block_siz
 #define ADAMW_ROWS(FROM, TO, SIZE) (is_e4m3(f) \
     ? step_weight_rows(RULE_ADAMW, 1, rows_per_unit, SIZE, FROM, TO, f, grad, m, v, c, NULL) \
     : step_weight_rows(RULE_ADAMW, 0, rows_per_unit, SIZE, FROM, TO, f, grad, m, v, c, NULL))
-    SPLIT_ACROSS_THREADS(threads, first_unit, last_unit, block_size, ADAMW_ROWS);
+    SPLIT_ACROSS_THREADS(first_unit, last_unit, block_size, ADAMW_ROWS);
 }
 
 /* the same step under SGD with a momentum buffer (ECO: buffer += error * eco_scale) */
@@ -1257,5 +1257,5 @@ int sgd_step_weight_rows(int threads, int64_t rows_per_unit, int64_t block_size,
 #define SGD_ROWS(FROM, TO, SIZE) (is_e4m3(f) \
     ? step_weight_rows(RULE_SGD, 1, rows_per_unit, SIZE, FROM, TO, f, grad, buffer, NULL, NULL, c) \
     : step_weight_rows(RULE_SGD, 0, rows_per_unit, SIZE, FROM, TO, f, grad, buffer, NULL, NULL, c))
-    SPLIT_ACROSS_THREADS(threads, first_unit, last_unit, block_size, SGD_ROWS);
+    SPLIT_ACROSS_THREADS(first_unit, last_unit, block_size, SGD_ROWS);
 }
