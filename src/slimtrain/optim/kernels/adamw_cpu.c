@@ -1133,17 +1133,18 @@ static inline __attribute__((always_inline)) int step_blocks(
     return 0;
 }
 
-/* The exported steps split units first .. last - 1 evenly among their argument `threads` of OpenMP
- * threads (torch's own pool where torch's libgomp is loaded, whose workers still spin after torch's
- * last parallel op; one after another where the library was built without OpenMP) and return the
- * largest status of the parts. STEP(from, to, block_size) steps one part; the default block size
- * of 128 gets its own copy of the step, with constant trip counts. */
+/* The exported steps split units first .. last - 1 evenly among their argument `threads` (at
+ * least 1) of OpenMP threads (torch's own pool where torch's libgomp is loaded, whose workers still
+ * spin after torch's last parallel op; one after another where the library was built without
+ * OpenMP) and return the largest status of the parts. STEP(from, to, block_size) steps one part;
+ * the default block size of 128 gets its own copy of the step, with constant trip counts. */
 #define SPLIT_ACROSS_THREADS(first, last, block_size, STEP) do { \
     int status = 0; \
-    _Pragma("omp parallel for num_threads(threads) schedule(static, 1) reduction(max: status)") \
-    for (int t = 0; t < threads; ++t) { \
-        const int64_t from = first + (last - first) * t / threads; \
-        const int64_t to = first + (last - first) * (t + 1) / threads; \
+    const int parts = threads > 1 ? threads : 1; \
+    _Pragma("omp parallel for num_threads(parts) schedule(static, 1) reduction(max: status)") \
+    for (int t = 0; t < parts; ++t) { \
+        const int64_t from = first + (last - first) * t / parts; \
+        const int64_t to = first + (last - first) * (t + 1) / parts; \
         const int part = block_size == 128 ? STEP(from, to, 128) : STEP(from, to, block_size); \
         status = part > status ? part : status; \
     } \
