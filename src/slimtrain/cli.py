@@ -241,7 +241,7 @@ def _bench(args: argparse.Namespace) -> int:
     if report["speedups"]["rows"]:
         print(f"x faster than {versus} (ratio of the two ratios to fused, same run):")
         for row in report["speedups"]["rows"]:
-            print(f"{row['name']:<34}{row['numel']:>11,}{row['speedup']:>10.3g}")
+            print(f"{row['name']:<34}{row['numel']:>11,}{row['speedup']:>10.2f}")
     print(f"device {report['device']}; copy bandwidth {report['copy_bandwidth_gbs']:.1f} GB/s{kernel_note}")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -374,6 +374,8 @@ def test_bench_prints_speedups_over_the_named_configuration(tmp_path, capsys):
     assert set(speedups) == {"st.AdamW (4, 2)", "st.AdamW (4, 2) eager"}
     expected = ratios["torch AdamW foreach"] / ratios["st.AdamW (4, 2)"]
     assert speedups["st.AdamW (4, 2)"] == pytest.approx(expected)
+    # printed with two decimals, so that 19.99 never reads as 20
+    assert f"{speedups['st.AdamW (4, 2)']:.2f}\n" in printed.split("x faster than")[1]
 
 
 def test_bench_rejects_an_unknown_versus(capsys):
