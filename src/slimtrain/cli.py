@@ -162,7 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "sees a GPU; default)")
     p.add_argument("--versus", metavar="NAME",
                    help=f"also print how many times faster than configuration NAME each slimtrain "
-                        f"configuration is (default: {VERSUS}, where installed and measured)")
+                        f"configuration is; NAME is measured even where --only leaves it out "
+                        f"(default: {VERSUS}, where installed and measured)")
     return parser
 
 
@@ -231,7 +232,8 @@ def _bench(args: argparse.Namespace) -> int:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}")
     print(BENCH_HEADER)
     report = run_bench(args.sizes, args.steps, args.warmup, args.only,
-                       progress=lambda row: print(format_row(row), flush=True), device=device)
+                       progress=lambda row: print(format_row(row), flush=True), device=device,
+                       also=(args.versus,) if args.versus else ())  # a named peer runs whatever --only says
     compiled = report["kernel_compile_seconds"]
     kernel_note = "" if device != "cpu" else "; C kernels " + (
         f"compiled in {compiled:.1f} s (once per machine)" if compiled else "loaded from the cache")

@@ -378,6 +378,16 @@ def test_bench_prints_speedups_over_the_named_configuration(tmp_path, capsys):
     assert f"{speedups['st.AdamW (4, 2)']:.2f}\n" in printed.split("x faster than")[1]
 
 
+def test_bench_measures_the_named_versus_even_outside_only(tmp_path):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--sizes", "64K", "--steps", "1", "--warmup", "1", "--only", "st.SGD momentum 4",
+                 "--versus", "torch SGD fused", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert {row["name"] for row in report["results"]} == {"torch AdamW fused", "torch SGD fused",
+                                                          "st.SGD momentum 4-bit"}
+    assert [row["name"] for row in report["speedups"]["rows"]] == ["st.SGD momentum 4-bit"]
+
+
 def test_bench_rejects_an_unknown_versus(capsys):
     assert main(["bench", "--versus", "nothing like it"]) == 2
     err = capsys.readouterr().err

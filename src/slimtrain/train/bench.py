@@ -164,15 +164,17 @@ def measure(name: str, make: Callable, numel: int, warmup: int, steps: int, devi
 
 
 def run_bench(sizes: list[int], steps: int = 5, warmup: int = 3, only: list[str] | None = None,
-              progress: Callable[[BenchResult], None] | None = None, device: str = "cpu") -> dict:
-    """Measure every configuration (those whose name contains one of ``only``, plus the fused
-    baseline, measured first and then paired with every timed step of the others) at each size
-    in ``sizes`` (elements, rounded down to a multiple of 1024) on ``device`` ("cpu" or "cuda")."""
+              progress: Callable[[BenchResult], None] | None = None, device: str = "cpu",
+              also: tuple[str, ...] = ()) -> dict:
+    """Measure every configuration (those whose name contains one of ``only`` or is one of
+    ``also``, plus the fused baseline, measured first and then paired with every timed step of the
+    others) at each size in ``sizes`` (elements, rounded down to a multiple of 1024) on ``device``
+    ("cpu" or "cuda")."""
     target = torch.device(device)
     configs = configurations()
     if only:
         configs = {k: v for k, v in configs.items()
-                   if k == BASELINE or any(s in k for s in only)}
+                   if k == BASELINE or k in also or any(s in k for s in only)}
     if target.type == "cpu":
         kernels.cpu_kernels()  # build (or load) the kernels before timing: reported as compile cost
     copy = copy_bandwidth(target)
