@@ -605,17 +605,17 @@ static void decode_group_elements(const state_t *s, int64_t first, int count, in
         const f8 top_b = splat8(log_top[b]), step_b = splat8(step[b]);
         const f8 scale = splat8(log_map ? 0.0f : s->scales[first + b]);
         const int how = !log_map ? FROM_LEVELS : near[b] ? EXP2_NEAR : EXP2_ANY;
+#define DECODE_AS(BITS, HOW) \
+        decode_block_elements(codes, BITS, HOW, block_size, top_b, step_b, s->levels, scale, values)
 #define ELEMENTS_CASE(BITS) \
         case BITS: \
-            if (how == FROM_LEVELS) \
-                decode_block_elements(codes, BITS, FROM_LEVELS, block_size, top_b, step_b, s->levels, scale, values); \
-            else if (how == EXP2_NEAR) \
-                decode_block_elements(codes, BITS, EXP2_NEAR, block_size, top_b, step_b, NULL, scale, values); \
-            else \
-                decode_block_elements(codes, BITS, EXP2_ANY, block_size, top_b, step_b, NULL, scale, values); \
+            if (how == FROM_LEVELS) DECODE_AS(BITS, FROM_LEVELS); \
+            else if (how == EXP2_NEAR) DECODE_AS(BITS, EXP2_NEAR); \
+            else DECODE_AS(BITS, EXP2_ANY); \
             break;
         switch (bits) { EACH_CODE_WIDTH(ELEMENTS_CASE) }
 #undef ELEMENTS_CASE
+#undef DECODE_AS
     }
 }
 
