@@ -107,6 +107,22 @@ static inline int any8(i8 mask) {
 #endif
 }
 
+/* int32 minimum and maximum, lane by lane */
+static inline i8 min8i(i8 a, i8 b) {
+#if defined(__AVX2__)
+    return (i8)_mm256_min_epi32((__m256i)a, (__m256i)b);
+#else
+    return (i8)select8(a < b, (f8)a, (f8)b);
+#endif
+}
+static inline i8 max8i(i8 a, i8 b) {
+#if defined(__AVX2__)
+    return (i8)_mm256_max_epi32((__m256i)a, (__m256i)b);
+#else
+    return (i8)select8(a > b, (f8)a, (f8)b);
+#endif
+}
+
 /* noise_at of the 8 indices index .. index + 7 times 2^24: integers in [0, 2^24) */
 static inline i8 noise_bits8(uint32_t key, int64_t index) {
     u8v x = ((u8v){0} + ((uint32_t)index + key)) + LANE;
@@ -178,15 +194,17 @@ static inline f8 log2_general8(f8 x) {
     return select8(x > 0.0f, r, select8(x == 0.0f, splat8(-INFINITY), splat8(NAN)));
 }
 
-/* log2_general8's bits; where every lane is a positive normal float, the same m and e straight
- * from the bits: subtracting sqrt(1/2)'s bits moves the exponent down by one exactly where the
- * mantissa is below sqrt(1/2)'s */
-static inline f8 log2_8(f8 x) {
-    const i8 b = (i8)x;
-    if (any8((b < 0x00800000) | (b > 0x7F7FFFFF))) return log2_general8(x); /* sign bit: b < 0 */
+/* log2_general8 of lanes that are all positive normal floats (bits b in [0x00800000, 0x7F7FFFFF]):
+ * the same m and e straight from the bits, as subtracting sqrt(1/2)'s bits moves the exponent down
+ * by one exactly where the mantissa is below sqrt(1/2)'s */
+static inline f8 log2_normal8(i8 b) {
     const i8 e = (b - 0x3F3504F3) >> 23;
     return log2_series8((f8)(b - (e << 23)), e);
 }
+
+static inline int all_normal8(i8 b) { return !any8((b < 0x00800000) | (b > 0x7F7FFFFF)); } /* sign: b < 0 */
+
+static inline f8 log2_8(f8 x) { return all_normal8((i8)x) ? log2_normal8((i8)x) : log2_general8(x); }
 
 /* 2^n for int32 lanes n in [-126, 127], from the exponent bits */
 static inline f8 power_of_two8(i8 n) { return (f8)((n + 127) << 23); }
@@ -310,11 +328,54 @@ static inline __attribute__((always_inline)) void pack8(i8 codes, int bits, uint
     memcpy(dst, &word, (size_t)bits);
 }
 
+/* pack8 of four groups at once (32 codes of bits <= 4, or 8, into 4 * bits bytes). Below 8 bits,
+ * the lanes of each group, shifted into place, hold disjoint bits, so their sum is their OR, and
+ * three horizontal adds sum the four groups side by side. */
+static inline __attribute__((always_inline)) void pack8x4(const i8 groups[4], int bits, uint8_t *dst) {
+#if defined(__AVX2__)
+    if (bits == 8) { /* bytes [a0..3 b0..3 c0..3 d0..3 | a4..7 b4..7 ...] put in order */
+        const __m256i bytes = _mm256_packus_epi16(_mm256_packus_epi32((__m256i)groups[0], (__m256i)groups[1]),
+                                                  _mm256_packus_epi32((__m256i)groups[2], (__m256i)groups[3]));
+        _mm256_storeu_si256((__m256i *)dst,
+                            _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+        return;
+    }
+    const __m256i shift = (__m256i)(LANE * (uint32_t)bits);
+    __m256i s[4];
+    for (int q = 0; q < 4; ++q) s[q] = _mm256_sllv_epi32((__m256i)groups[q], shift);
+    /* [a0+a1, a2+a3, b0+b1, b2+b3 | a4+a5, ...], then [a0..3, b0..3, c0..3, d0..3 | a4..7, ...] */
+    const __m256i sums = _mm256_hadd_epi32(_mm256_hadd_epi32(s[0], s[1]), _mm256_hadd_epi32(s[2], s[3]));
+    const __m128i words = _mm_add_epi32(_mm256_castsi256_si128(sums), _mm256_extracti128_si256(sums, 1));
+    if (bits == 4) {
+        _mm_storeu_si128((__m128i *)dst, words);
+    } else if (bits == 2) {
+        _mm_storel_epi64((__m128i *)dst, _mm_packus_epi32(words, words)); /* words below 2^16 */
+    } else { /* 3 bytes of each word */
+        const __m128i bytes = _mm_shuffle_epi8(words, _mm_setr_epi8(0, 1, 2, 4, 5, 6, 8, 9, 10, 12, 13, 14,
+                                                                    -1, -1, -1, -1));
+        memcpy(dst, &bytes, 12);
+    }
+#else
+    for (int q = 0; q < 4; ++q) pack8(groups[q], bits, dst + bits * q);
+#endif
+}
+
 #define EACH_CODE_WIDTH(CASE) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(7) CASE(8)
 
+/* count (a multiple of 8) codes, one int32 each, packed into count * bits / 8 bytes at dst */
 static void pack_block(const int32_t *codes, int bits, int64_t count, uint8_t *dst) {
 #define PACK_CASE(BITS) \
-    case BITS: for (int64_t g = 0; g < count / 8; ++g) pack8(load8i(codes + 8 * g), BITS, dst + BITS * g); break;
+    case BITS: { \
+        int64_t g = 0; \
+        if (BITS <= 4 || BITS == 8) \
+            for (; g + 4 <= count / 8; g += 4) { \
+                const i8 groups[4] = {load8i(codes + 8 * g), load8i(codes + 8 * g + 8), \
+                                      load8i(codes + 8 * g + 16), load8i(codes + 8 * g + 24)}; \
+                pack8x4(groups, BITS, dst + BITS * g); \
+            } \
+        for (; g < count / 8; ++g) pack8(load8i(codes + 8 * g), BITS, dst + BITS * g); \
+        break; \
+    }
     switch (bits) { EACH_CODE_WIDTH(PACK_CASE) }
 #undef PACK_CASE
 }
@@ -654,7 +715,13 @@ static inline f8 levels_at8(const state_t *s, const table_t *levels, i8 codes) {
 static inline __attribute__((always_inline)) void encode_nearest_small(
     const small_search_t *small, const float *x, f8 boost, f8 inverse, int bits, int64_t block_size,
     uint8_t *dst) {
-    for (int64_t g = 0; g < block_size / 8; ++g)
+    int64_t g = 0;
+    for (; g + 4 <= block_size / 8; g += 4) {
+        i8 groups[4];
+        for (int q = 0; q < 4; ++q) groups[q] = count_small8(small, (load8(x + 8 * (g + q)) * boost) * inverse, 0);
+        pack8x4(groups, bits, dst + bits * g);
+    }
+    for (; g < block_size / 8; ++g)
         pack8(count_small8(small, (load8(x + 8 * g) * boost) * inverse, 0), bits, dst + bits * g);
 }
 
@@ -730,27 +797,48 @@ static void encode_log_group(const state_t *s, int64_t first, int count, int64_t
     /* each block's lanes of its max, max log2, smallest positive value and count of zeros; past
      * count, lanes that reduce to 0, 0, +inf and 0 */
     f8 tops[GROUP], highs[GROUP], smalls[GROUP], zero_counts[GROUP];
+    for (int b = 0; b < GROUP; ++b) zero_counts[b] = splat8(0.0f);
     for (int b = count; b < GROUP; ++b) {
-        tops[b] = highs[b] = zero_counts[b] = splat8(0.0f);
+        tops[b] = highs[b] = splat8(0.0f);
         smalls[b] = splat8(INFINITY);
     }
+    int normal[GROUP]; /* whether every value of the block is a positive normal float */
     for (int b = 0; b < count; ++b) {
         const float *xb = x + b * block_size;
         float *lb = log_x + b * block_size;
-        f8 lane_top = splat8(0.0f), lane_high = splat8(-INFINITY), lane_small = splat8(INFINITY);
-        i8 lane_zeros = {0};
-        for (int64_t i = 0; i < block_size; i += 8) {
-            const f8 v = saturate8(load8(xb + i)), l = log2_8(v);
-            memcpy(lb + i, &l, sizeof l);
-            lane_top = max8(v, lane_top); /* NaN lanes of v (and l) drop out */
-            lane_high = max8(l, lane_high);
-            lane_small = select8(v > 0.0f, min8(v, lane_small), lane_small);
-            lane_zeros -= v == 0.0f;
+        /* the block's smallest and largest bits: for positive floats, its smallest and largest values */
+        i8 lane_low = (i8)load8(xb), lane_top_bits = lane_low;
+        for (int64_t i = 8; i < block_size; i += 8) {
+            const i8 bits = (i8)load8(xb + i);
+            lane_low = min8i(bits, lane_low);
+            lane_top_bits = max8i(bits, lane_top_bits);
         }
-        tops[b] = lane_top;
+        normal[b] = all_normal8(lane_low) && all_normal8(lane_top_bits);
+        f8 lane_high = splat8(-INFINITY);
+        if (normal[b]) { /* the common case: no zero, subnormal, infinity or NaN to handle */
+            for (int64_t i = 0; i < block_size; i += 8) {
+                const f8 l = log2_normal8((i8)load8(xb + i));
+                memcpy(lb + i, &l, sizeof l);
+                lane_high = max8(l, lane_high);
+            }
+            tops[b] = (f8)lane_top_bits;
+            smalls[b] = (f8)lane_low;
+        } else {
+            f8 lane_top = splat8(0.0f), lane_small = splat8(INFINITY);
+            i8 lane_zeros = {0};
+            for (int64_t i = 0; i < block_size; i += 8) {
+                const f8 v = saturate8(load8(xb + i)), l = log2_8(v);
+                memcpy(lb + i, &l, sizeof l);
+                lane_top = max8(v, lane_top); /* NaN lanes of v (and l) drop out */
+                lane_high = max8(l, lane_high);
+                lane_small = select8(v > 0.0f, min8(v, lane_small), lane_small);
+                lane_zeros -= v == 0.0f;
+            }
+            tops[b] = lane_top;
+            smalls[b] = lane_small;
+            zero_counts[b] = (f8)lane_zeros;
+        }
         highs[b] = lane_high;
-        smalls[b] = lane_small;
-        zero_counts[b] = (f8)lane_zeros;
         const int64_t valid = valid_in(numel, first + b, block_size);
         const float r = ceilf(s->quantile * (float)valid);
         rank[b] = (r < 1.0f ? 1.0f : r) + (float)(block_size - valid);
@@ -795,8 +883,8 @@ static void encode_log_group(const state_t *s, int64_t first, int count, int64_t
         const float *xb = x + b * block_size, *lb = log_x + b * block_size;
         const f8 lt = splat8(log_top[b]), lpo = splat8(levels_per_octave[b]);
         for (int64_t i = 0; i < block_size; i += 8) {
-            const f8 v = load8(xb + i);
-            const f8 exponent = (lt - select8(v < TINY, splat8(-126.0f), load8(lb + i))) * lpo;
+            const f8 l = load8(lb + i);
+            const f8 exponent = (lt - (normal[b] ? l : select8(load8(xb + i) < TINY, splat8(-126.0f), l))) * lpo;
             const f8 offset = s->stochastic ? noise8(s->key, start + i) : splat8(0.5f);
             f8 code = floor8(exponent + offset);
             code = select8(code < 0.0f, splat8(0.0f), select8(code > (float)last, splat8((float)last), code));
