@@ -123,13 +123,18 @@ static inline i8 max8i(i8 a, i8 b) {
 #endif
 }
 
-/* noise_at of the 8 indices index .. index + 7 times 2^24: integers in [0, 2^24) */
-static inline i8 noise_bits8(uint32_t key, int64_t index) {
-    u8v x = ((u8v){0} + ((uint32_t)index + key)) + LANE;
+/* the hash inputs of noise_at for the 8 indices index .. index + 7; a loop adds 8 for the next 8 */
+static inline u8v noise_counter8(uint32_t key, int64_t index) {
+    return ((u8v){0} + ((uint32_t)index + key)) + LANE;
+}
+/* noise_at of the 8 indices whose hash inputs are x, times 2^24: integers in [0, 2^24) */
+static inline i8 noise_bits_at8(u8v x) {
     for (int round = 0; round < 2; ++round) x = ((x >> 16) ^ x) * 0x45D9F3Bu;
     x = (x >> 16) ^ x;
     return (i8)(x >> 8);
 }
+/* noise_at of the 8 indices index .. index + 7 times 2^24 */
+static inline i8 noise_bits8(uint32_t key, int64_t index) { return noise_bits_at8(noise_counter8(key, index)); }
 static inline f8 noise_of_bits8(i8 bits) { return __builtin_convertvector(bits, f8) * (1.0f / 16777216.0f); }
 /* noise_at of the 8 indices index .. index + 7 */
 static inline f8 noise8(uint32_t key, int64_t index) { return noise_of_bits8(noise_bits8(key, index)); }
@@ -715,14 +720,14 @@ static inline f8 levels_at8(const state_t *s, const table_t *levels, i8 codes) {
 static inline __attribute__((always_inline)) void encode_nearest_small(
     const small_search_t *small, const float *x, f8 boost, f8 inverse, int bits, int64_t block_size,
     uint8_t *dst) {
-    int64_t g = 0;
-    for (; g + 4 <= block_size / 8; g += 4) {
+    const int64_t whole = block_size / 32 * 32; /* four groups at a time, then one */
+    for (int64_t i = 0; i < whole; i += 32) {
         i8 groups[4];
-        for (int q = 0; q < 4; ++q) groups[q] = count_small8(small, (load8(x + 8 * (g + q)) * boost) * inverse, 0);
-        pack8x4(groups, bits, dst + bits * g);
+        for (int q = 0; q < 4; ++q) groups[q] = count_small8(small, (load8(x + i + 8 * q) * boost) * inverse, 0);
+        pack8x4(groups, bits, dst + i / 8 * bits);
     }
-    for (; g < block_size / 8; ++g)
-        pack8(count_small8(small, (load8(x + 8 * g) * boost) * inverse, 0), bits, dst + bits * g);
+    for (int64_t i = whole; i < block_size; i += 8)
+        pack8(count_small8(small, (load8(x + i) * boost) * inverse, 0), bits, dst + i / 8 * bits);
 }
 
 /* slimtrain.quant.blockwise.quantize_absmax of blocks first .. first + count - 1 (count <= GROUP)
@@ -882,12 +887,13 @@ static void encode_log_group(const state_t *s, int64_t first, int count, int64_t
         const int64_t start = (first + b) * block_size;
         const float *xb = x + b * block_size, *lb = log_x + b * block_size;
         const f8 lt = splat8(log_top[b]), lpo = splat8(levels_per_octave[b]);
-        for (int64_t i = 0; i < block_size; i += 8) {
+        u8v counter = noise_counter8(s->key, start);
+        for (int64_t i = 0; i < block_size; i += 8, counter += 8) {
             const f8 l = load8(lb + i);
             const f8 exponent = (lt - (normal[b] ? l : select8(load8(xb + i) < TINY, splat8(-126.0f), l))) * lpo;
-            const f8 offset = s->stochastic ? noise8(s->key, start + i) : splat8(0.5f);
-            f8 code = floor8(exponent + offset);
-            code = select8(code < 0.0f, splat8(0.0f), select8(code > (float)last, splat8((float)last), code));
+            const f8 offset = s->stochastic ? noise_of_bits8(noise_bits_at8(counter)) : splat8(0.5f);
+            /* clamped to [0, last]; a NaN (from a NaN moment) becomes 0, as in a uint8 conversion */
+            const f8 code = min8(max8(floor8(exponent + offset), splat8(0.0f)), splat8((float)last));
             store8i(w->codes + i, __builtin_convertvector(code, i8));
         }
         pack_block(w->codes, s->bits, block_size, s->codes + start * s->bits / 8);
@@ -1309,9 +1315,11 @@ static inline __attribute__((always_inline)) int step_weight_rows(
                 })
                 const float absmax = lanes_max(lane_max, 0.0f), new_scale = absmax / l.max;
                 const f8 divisor = splat8(new_scale > 0.0f ? new_scale : 1.0f);
+                u8v counter = noise_counter8(key, at);
                 FOR_PARTS(group, {
                     const f8 x = load_part(values + i, n);
-                    const i8 noise = stochastic ? noise_bits8(key, at + i) : (i8){0};
+                    const i8 noise = stochastic ? noise_bits_at8(counter) : (i8){0};
+                    counter += 8;
                     const f8 stored = weight_encode8(x / divisor, stochastic ? &noise : NULL, codes, at + i, n, l);
                     if (eco) { /* AdamW: m += (eco_scale * denominator) * e, SGD: m += e * eco_scale */
                         const f8 error = x - stored * new_scale;
