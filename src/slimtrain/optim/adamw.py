@@ -12,6 +12,7 @@ from slimtrain.optim.base import LowBitOptimizer, as_pair, check_adam_options, c
 from slimtrain.optim.functional import adam_denominator, adam_step_scalars, adamw_update_
 from slimtrain.optim.state import SIGNED_MAPS, STATE_BITS, UNSIGNED_MAPS, StateFormat, scaled_beta
 from slimtrain.quant import ROUNDING_MODES
+from slimtrain.weights.tensor import is_low_precision
 
 BETA1_POLICIES = ("scaled", "fixed")
 
@@ -154,6 +155,9 @@ class AdamW(LowBitOptimizer):
         if weight_update is None and not any(f.quantized for f in formats.values()):
             return torch_fused_step(param, state, group, maximize)
         block_size = formats["exp_avg"].block_size
+        if (weight_update is None and param.device.type in kernels.TRITON_DEVICES
+                and self._triton_step(param, formats, state, scalars, seeds, maximize)):
+            return True
         layout = kernels.layout_of(param, block_size, weight_update)
         library = kernels.cpu_kernels() if layout else None
         if library is None:
@@ -170,6 +174,18 @@ class AdamW(LowBitOptimizer):
         kernels.run_step((library.adamw_step_blocks, library.adamw_step_weight_rows), layout, param,
                          block_size, weight_update, weight_seed, scalars["eco_scale"], ctypes.byref(m),
                          ctypes.byref(v), constants)
+        return True
+
+    @staticmethod
+    def _triton_step(param: torch.Tensor, formats: dict[str, StateFormat], state: dict,
+                     scalars: dict[str, Any], seeds: dict[str, int | None], maximize: bool) -> bool:
+        """The Triton kernel's step of a plain float32 ``param`` whose states it supports (see
+        triton_adamw.supported); False where it does not, or Triton is not installed."""
+        module = kernels.triton_kernels()
+        if (module is None or not plain_float32(param) or is_low_precision(param)
+                or not module.supported(formats["exp_avg"], formats["exp_avg_sq"])):
+            return False
+        module.adamw_step(param, param.grad, state, formats, scalars, seeds["exp_avg_sq"], maximize)
         return True
 
     def _scalars(

@@ -1,4 +1,5 @@
-"""Hand-written CPU kernels in C, compiled with the system C compiler on first use.
+"""Hand-written kernels: in C for the CPU, compiled with the system C compiler on first use, and in
+Triton for CUDA (:mod:`slimtrain.optim.kernels.triton_adamw`, where Triton is installed).
 
 The shared library is cached under ``cache_dir()/kernels`` by a hash of the source, the compiler
 flags and the CPU, so a machine compiles it once (about 5 s). When no compiler is found or
@@ -107,6 +108,18 @@ def cpu_kernels() -> ctypes.CDLL | None:
         return None
     _declare(_loaded)
     return _loaded
+
+
+TRITON_DEVICES = {"cuda"}  # where the Triton kernels run (tests add "cpu" under Triton's interpreter)
+
+
+def triton_kernels() -> Any:
+    """The Triton kernels' module, or None where Triton is not installed."""
+    try:
+        from slimtrain.optim.kernels import triton_adamw
+    except ImportError:
+        return None
+    return triton_adamw
 
 
 KIND_FLOAT, KIND_CODEBOOK, KIND_LOG = 0, 1, 2

@@ -1,0 +1,238 @@
+"""One fused AdamW step in Triton (CUDA), for a float32 parameter whose first moment is stored in
+2- or 4-bit codebook codes with an absmax scale per block and whose second moment is stored on
+2- or 4-bit logarithmic levels (SOLO): decode, update, encode in one pass, one program per
+GROUP blocks, each block's reductions (absmax, maximum, the quantile bisection) in registers.
+
+Every operation mirrors, in order and in float32, the eager torch code of slimtrain.quant and
+slimtrain.optim.functional (as the C kernel of adamw_cpu.c does): launched without fused
+multiply-adds and with correctly rounded division and square root, it gives the eager step's
+bits. Tests run it on the CPU through Triton's interpreter (``TRITON_INTERPRET=1``). Imported
+only where Triton is installed (CUDA builds of torch bring it).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from slimtrain.optim.state import StateFormat
+from slimtrain.quant.blockwise import QUANTILE_BISECTION_STEPS
+from slimtrain.quant.codebooks import codebook
+from slimtrain.quant.elementary import _ATANH, _EXP2, _SQRT_HALF, _TWO_OVER_LN2
+from slimtrain.quant.rounding import noise_key
+
+GROUP = 8  # blocks per program
+# constants of slimtrain.quant.elementary and blockwise, as the kernels see them
+SQRT_HALF, TWO_OVER_LN2 = tl.constexpr(_SQRT_HALF), tl.constexpr(_TWO_OVER_LN2)
+A0, A1, A2, A3, A4 = (tl.constexpr(c) for c in _ATANH)
+E0, E1, E2, E3, E4, E5, E6, E7, E8 = (tl.constexpr(c) for c in _EXP2)
+TINY = tl.constexpr(torch.finfo(torch.float32).tiny)
+LARGEST = tl.constexpr(torch.finfo(torch.float32).max)
+
+
+@triton.jit
+def _series(m, e):
+    """e + log2(m) for float32 m in [sqrt(1/2), sqrt(2)): elementary.log2's atanh series."""
+    s = tl.div_rn(m - 1.0, m + 1.0)
+    s2 = s * s
+    series = s2 * 0.0 + A0
+    series = series * s2 + A1
+    series = series * s2 + A2
+    series = series * s2 + A3
+    series = series * s2 + A4
+    return e.to(tl.float32) + (s * series) * TWO_OVER_LN2
+
+
+@triton.jit
+def _log2(x):
+    """slimtrain.quant.elementary.log2 of float32 x: -inf at 0, +inf at +inf, NaN below 0."""
+    subnormal = x < TINY
+    b = tl.where(subnormal, x * 16777216.0, x).to(tl.int32, bitcast=True)
+    e = ((b >> 23) & 0xFF) - 126 - tl.where(subnormal, 24, 0)
+    m = ((b & 0x007FFFFF) | 0x3F000000).to(tl.float32, bitcast=True)  # in [0.5, 1)
+    small = m < SQRT_HALF
+    m = tl.where(small, m * 2.0, m)
+    e = e - small.to(tl.int32)
+    r = _series(m, e)
+    r = tl.where(x == float("inf"), x, r)
+    return tl.where(x > 0.0, r, tl.where(x == 0.0, float("-inf"), float("nan")))
+
+
+@triton.jit
+def _power_of_two(n):
+    return ((n + 127) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _exp2(y):
+    """slimtrain.quant.elementary.exp2 of float32 y: 0 below -252, +inf above 254."""
+    clamped = tl.where(y < -252.0, -252.0, tl.where(y > 254.0, 254.0, y))
+    n = tl.floor(clamped + 0.5)
+    r = clamped - n
+    poly = r * 0.0 + E0
+    poly = poly * r + E1
+    poly = poly * r + E2
+    poly = poly * r + E3
+    poly = poly * r + E4
+    poly = poly * r + E5
+    poly = poly * r + E6
+    poly = poly * r + E7
+    poly = poly * r + E8
+    whole = tl.where(n == n, n, 0.0).to(tl.int32)
+    half = whole >> 1  # floor(whole / 2)
+    result = poly * _power_of_two(half) * _power_of_two(whole - half)
+    result = tl.where(y < -252.0, 0.0, tl.where(y > 254.0, float("inf"), result))
+    return tl.where(y == y, result, y)
+
+
+@triton.jit
+def _mix32(x):
+    x = ((x >> 16) ^ x) * 0x45D9F3B
+    x = ((x >> 16) ^ x) * 0x45D9F3B
+    return (x >> 16) ^ x
+
+
+@triton.jit
+def _unpack(codes_ptr, index, mask, BITS: tl.constexpr):
+    """The BITS-bit codes of padded elements ``index`` (8 // BITS codes per byte, low bits first)."""
+    byte = tl.load(codes_ptr + index // (8 // BITS), mask=mask, other=0).to(tl.int32)
+    return (byte >> ((index % (8 // BITS)) * BITS)) & ((1 << BITS) - 1)
+
+
+@triton.jit
+def _pack_store(codes_ptr, codes, first_block, mask_blocks, BITS: tl.constexpr, BLOCK: tl.constexpr,
+                GROUP: tl.constexpr):
+    """Store (GROUP, BLOCK) int32 codes of blocks first_block + (0 .. GROUP) packed as _unpack reads."""
+    PER: tl.constexpr = 8 // BITS
+    shifts = (tl.arange(0, BLOCK) % PER) * BITS
+    words = tl.reshape(codes << shifts[None, :], (GROUP, BLOCK // PER, PER))
+    packed = tl.sum(words, axis=2)  # disjoint bits: the sum is the OR
+    byte_index = (first_block + tl.arange(0, GROUP))[:, None] * (BLOCK // PER) + \
+        tl.arange(0, BLOCK // PER)[None, :]
+    tl.store(codes_ptr + byte_index, packed.to(tl.uint8), mask=mask_blocks[:, None])
+
+
+@triton.jit
+def _adamw_step_kernel(
+    param_ptr, grad_ptr, m_codes_ptr, m_scales_ptr, levels_ptr, mids_ptr, v_codes_ptr, v_scales_ptr,
+    numel, n_blocks, decay, lerp_weight, beta2, one_minus_beta2, eps, inverse_correction,
+    neg_step_size, quantile, v_key,
+    MAXIMIZE: tl.constexpr, M_BITS: tl.constexpr, V_BITS: tl.constexpr, V_STOCHASTIC: tl.constexpr,
+    BLOCK: tl.constexpr, GROUP: tl.constexpr, STEPS: tl.constexpr,
+):
+    block = tl.program_id(0) * GROUP + tl.arange(0, GROUP)  # (GROUP,)
+    has_block = block < n_blocks
+    index = block[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]  # (GROUP, BLOCK) padded elements
+    real = index < numel
+    p = tl.load(param_ptr + index, mask=real, other=0.0)
+    g = tl.load(grad_ptr + index, mask=real, other=0.0)
+    if MAXIMIZE:
+        g = -g
+    # decode: m = levels[code] * scale; v = exp2(log2(max) - step * code) (0 for an all-zero block)
+    in_blocks = index < n_blocks * BLOCK
+    m_scale = tl.load(m_scales_ptr + block, mask=has_block, other=0.0)
+    m = tl.load(levels_ptr + _unpack(m_codes_ptr, index, in_blocks, M_BITS)) * m_scale[:, None]
+    V_LAST: tl.constexpr = (1 << V_BITS) - 1
+    top = tl.load(v_scales_ptr + 2 * block, mask=has_block, other=0.0)
+    bottom = tl.load(v_scales_ptr + 2 * block + 1, mask=has_block, other=0.0)
+    positive = top > 0.0
+    log_top = _log2(tl.where(positive, top, 1.0))
+    step = tl.div_rn(log_top - _log2(tl.where(positive, bottom, 1.0)), V_LAST * 1.0)
+    k = _unpack(v_codes_ptr, index, in_blocks, V_BITS).to(tl.float32)
+    v = tl.where(positive[:, None], _exp2(log_top[:, None] - step[:, None] * k), 0.0)
+    # the update (functional.adamw_update_, reproducible=True)
+    m = m + (g - m) * lerp_weight
+    v = v * beta2 + one_minus_beta2 * g * g
+    denominator = tl.sqrt_rn(v) * inverse_correction + eps
+    p = p * decay + tl.div_rn(neg_step_size * m, denominator)
+    tl.store(param_ptr + index, p, mask=real)
+    # encode m: quantize_absmax, nearest level (the count of midpoints below)
+    m = tl.where(real, m, 0.0)
+    absmax = tl.max(tl.abs(m), axis=1)
+    boost = tl.where(absmax < TINY, 16777216.0, 1.0)
+    inverse = tl.div_rn(1.0, tl.where(absmax > 0.0, absmax * boost, 1.0))
+    y = (m * boost[:, None]) * inverse[:, None]
+    m_code = tl.zeros((GROUP, BLOCK), dtype=tl.float32)
+    for j in tl.static_range((1 << M_BITS) - 1):
+        m_code = m_code + (tl.load(mids_ptr + j) < y).to(tl.float32)
+    _pack_store(m_codes_ptr, m_code.to(tl.int32), tl.program_id(0) * GROUP, has_block, M_BITS, BLOCK, GROUP)
+    tl.store(m_scales_ptr + block, absmax, mask=has_block)
+    # encode v: quantize_log (x_p by bisection in log2, snapped to an element)
+    x = tl.where(real, v, 0.0)
+    x = tl.where(x > LARGEST, LARGEST, x)
+    valid = tl.minimum(numel - block * BLOCK, BLOCK).to(tl.float32)
+    rank = tl.maximum(tl.ceil(quantile * valid), 1.0) + (BLOCK - valid)
+    log_x = _log2(x)
+    v_top = tl.max(x, axis=1)
+    high = tl.max(log_x, axis=1)
+    smallest = tl.min(tl.where(x > 0.0, x, float("inf")), axis=1)
+    finite_smallest = smallest < float("inf")
+    low = tl.where(finite_smallest, _log2(smallest), high)
+    for _ in tl.static_range(STEPS):
+        middle = (low + high) / 2.0
+        enough = tl.sum((log_x <= middle[:, None]).to(tl.float32), axis=1) >= rank
+        high = tl.where(enough, middle, high)
+        low = tl.where(enough, low, middle)
+    snapped = tl.max(tl.where(log_x <= high[:, None], x, 0.0), axis=1)
+    zero_quantile = tl.sum((x == 0.0).to(tl.float32), axis=1) >= rank
+    v_bottom = tl.where(zero_quantile, tl.where(finite_smallest, smallest, 0.0), snapped)
+    v_log_top = _log2(tl.where(v_top > 0.0, v_top, 1.0))
+    v_step = tl.div_rn(v_log_top - _log2(tl.where(v_top > 0.0, v_bottom, 1.0)), V_LAST * 1.0)
+    levels_per_octave = tl.where(v_step > 0.0, tl.div_rn(1.0, tl.where(v_step > 0.0, v_step, 1.0)), 0.0)
+    exponent = (v_log_top[:, None] - _log2(tl.maximum(x, TINY))) * levels_per_octave[:, None]
+    if V_STOCHASTIC:
+        hashed = _mix32(index.to(tl.uint32) + v_key.to(tl.uint32))
+        offset = (hashed >> 8).to(tl.float32) * (1.0 / 16777216.0)
+    else:
+        offset = 0.5
+    v_code = tl.floor(exponent + offset)
+    v_code = tl.where(v_code > 0.0, v_code, 0.0)  # NaN becomes 0, as in a uint8 conversion
+    v_code = tl.where(v_code < V_LAST, v_code, V_LAST * 1.0)
+    _pack_store(v_codes_ptr, v_code.to(tl.int32), tl.program_id(0) * GROUP, has_block, V_BITS, BLOCK, GROUP)
+    tl.store(v_scales_ptr + 2 * block, v_top, mask=has_block)
+    tl.store(v_scales_ptr + 2 * block + 1, v_bottom, mask=has_block)
+
+
+def supported(m_format: StateFormat, v_format: StateFormat) -> bool:
+    """Whether this kernel steps states stored in ``m_format`` and ``v_format``: m a 2- or 4-bit
+    codebook rounded to nearest, v 2- or 4-bit logarithmic levels (either rounding), one
+    power-of-two block size of at least 8."""
+    block_size = m_format.block_size
+    return (m_format.quantized and m_format.kind != "log" and not m_format.stochastic
+            and m_format.bits in (2, 4) and v_format.quantized and v_format.kind == "log"
+            and v_format.bits in (2, 4) and v_format.block_size == block_size
+            and block_size >= 8 and block_size & (block_size - 1) == 0)
+
+
+_tables: dict = {}  # (kind, bits, signed, device) -> the codebook's levels and midpoints
+
+
+def _levels_and_mids(fmt: StateFormat, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    key = (fmt.kind, fmt.bits, fmt.signed, device)
+    if key not in _tables:
+        levels = codebook(fmt.kind, fmt.bits, fmt.signed, device)
+        _tables[key] = (levels, (levels[1:] + levels[:-1]) / 2)  # as round_to_codebook computes them
+    return _tables[key]
+
+
+def adamw_step(param: torch.Tensor, grad: torch.Tensor, state: dict, formats: dict[str, StateFormat],
+               scalars: dict, v_seed: int | None, maximize: bool) -> None:
+    """One AdamW step of a contiguous float32 ``param`` with ``grad`` (float32, same shape) and the
+    states ``state["exp_avg_*"]``, ``state["exp_avg_sq_*"]`` stored in ``formats`` (see
+    :func:`supported`); ``scalars`` as AdamW._scalars returns them, ``v_seed`` v's rounding seed."""
+    m_format, v_format = formats["exp_avg"], formats["exp_avg_sq"]
+    block_size = m_format.block_size
+    levels, mids = _levels_and_mids(m_format, param.device)
+    numel = param.numel()
+    blocks = -(-numel // block_size)
+    stochastic = v_format.stochastic and v_seed is not None
+    _adamw_step_kernel[(triton.cdiv(blocks, GROUP),)](
+        param, grad, state["exp_avg_codes"], state["exp_avg_scales"], levels, mids,
+        state["exp_avg_sq_codes"], state["exp_avg_sq_scales"], numel, blocks,
+        scalars["decay"], 1 - scalars["beta1"], scalars["beta2"], 1 - scalars["beta2"], scalars["eps"],
+        1 / scalars["bias_correction2_sqrt"], -scalars["step_size"], v_format.quantile,
+        noise_key(v_seed) if stochastic else 0,
+        MAXIMIZE=maximize, M_BITS=m_format.bits, V_BITS=v_format.bits, V_STOCHASTIC=stochastic,
+        BLOCK=block_size, GROUP=GROUP, STEPS=QUANTILE_BISECTION_STEPS, enable_fp_fusion=False,
+    )
