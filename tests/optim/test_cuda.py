@@ -1,10 +1,12 @@
 """Optimizer steps on a CUDA device: skipped where there is none (CI); run on a GPU machine with
 ``pytest tests/optim/test_cuda.py`` (benchmarks/gpu_checks.sh does).
 
-On CUDA, steps run through torch.compile (Triton). Compiled and eager code, and the CUDA and CPU
-steps, use different math (fused multiply-adds, log2, exp2, division), so values agree to
-rounding and codes differ only where a value lies at a level boundary; the same seeds give the
-same stochastic-rounding noise everywhere.
+On CUDA, steps run through the hand-written Triton kernel where it covers the state formats, else
+through torch.compile (Triton). Compiled and eager code, and the CUDA and CPU steps, use different
+math (fused multiply-adds, log2, exp2, division), so values agree to rounding and codes differ
+only where a value lies at a level boundary; the same seeds give the same stochastic-rounding
+noise everywhere. The hand-written kernel, launched without fused multiply-adds, should give the
+eager CUDA step's bits.
 """
 
 import pytest
@@ -59,3 +61,25 @@ def test_float32_states_on_cuda_are_torchs_fused_adamw_bit_for_bit():
         opt_ours.step()
         opt_ref.step()
     assert torch.equal(ours, ref) and not opt_ours.state[ours]["step"].is_cuda
+
+
+TRITON_CONFIGURATIONS = [
+    dict(state_bits=(4, 2)),
+    dict(state_bits=(2, 2), state_rounding="nearest"),
+    dict(state_bits=(4, 4), maximize=True, block_size=32, weight_decay=0.3),
+]
+
+
+@pytest.mark.parametrize("options", TRITON_CONFIGURATIONS, ids=str)
+def test_triton_kernel_gives_the_eager_cuda_bits(monkeypatch, options):
+    pytest.importorskip("triton")
+    from slimtrain.optim.kernels import triton_adamw
+
+    calls, original = [], triton_adamw.adamw_step
+    monkeypatch.setattr(triton_adamw, "adamw_step", lambda *a: calls.append(1) or original(*a))
+    fused_param, fused_state = run(True, SHAPE, device="cuda", **options)
+    assert calls, "the Triton kernel did not run"
+    eager_param, eager_state = run(False, SHAPE, device="cuda", **options)
+    assert torch.equal(fused_param, eager_param)
+    for key in fused_state:
+        assert torch.equal(fused_state[key], eager_state[key]), key

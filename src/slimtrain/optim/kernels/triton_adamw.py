@@ -29,6 +29,7 @@ A0, A1, A2, A3, A4 = (tl.constexpr(c) for c in _ATANH)
 E0, E1, E2, E3, E4, E5, E6, E7, E8 = (tl.constexpr(c) for c in _EXP2)
 TINY = tl.constexpr(torch.finfo(torch.float32).tiny)
 LARGEST = tl.constexpr(torch.finfo(torch.float32).max)
+INF, NAN = tl.constexpr(float("inf")), tl.constexpr(float("nan"))
 
 
 @triton.jit
@@ -55,8 +56,8 @@ def _log2(x):
     m = tl.where(small, m * 2.0, m)
     e = e - small.to(tl.int32)
     r = _series(m, e)
-    r = tl.where(x == float("inf"), x, r)
-    return tl.where(x > 0.0, r, tl.where(x == 0.0, float("-inf"), float("nan")))
+    r = tl.where(x == INF, x, r)
+    return tl.where(x > 0.0, r, tl.where(x == 0.0, -INF, NAN))
 
 
 @triton.jit
@@ -82,7 +83,7 @@ def _exp2(y):
     whole = tl.where(n == n, n, 0.0).to(tl.int32)
     half = whole >> 1  # floor(whole / 2)
     result = poly * _power_of_two(half) * _power_of_two(whole - half)
-    result = tl.where(y < -252.0, 0.0, tl.where(y > 254.0, float("inf"), result))
+    result = tl.where(y < -252.0, 0.0, tl.where(y > 254.0, INF, result))
     return tl.where(y == y, result, y)
 
 
@@ -113,7 +114,7 @@ def _pack_store(codes_ptr, codes, first_block, mask_blocks, BITS: tl.constexpr, 
     tl.store(codes_ptr + byte_index, packed.to(tl.uint8), mask=mask_blocks[:, None])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["v_key"])  # a key of 1 would otherwise become a constant
 def _adamw_step_kernel(
     param_ptr, grad_ptr, m_codes_ptr, m_scales_ptr, levels_ptr, mids_ptr, v_codes_ptr, v_scales_ptr,
     numel, n_blocks, decay, lerp_weight, beta2, one_minus_beta2, eps, inverse_correction,
@@ -166,8 +167,8 @@ def _adamw_step_kernel(
     log_x = _log2(x)
     v_top = tl.max(x, axis=1)
     high = tl.max(log_x, axis=1)
-    smallest = tl.min(tl.where(x > 0.0, x, float("inf")), axis=1)
-    finite_smallest = smallest < float("inf")
+    smallest = tl.min(tl.where(x > 0.0, x, INF), axis=1)
+    finite_smallest = smallest < INF
     low = tl.where(finite_smallest, _log2(smallest), high)
     for _ in tl.static_range(STEPS):
         middle = (low + high) / 2.0
