@@ -1,6 +1,6 @@
 """The Triton kernel of the fused AdamW step (the CUDA path for low-bit states) gives the eager
 step's bits: the cases of tests/optim/triton_cases.py, each in a fresh process under Triton's
-interpreter."""
+interpreter. A kernel that fails to compile or launch leaves the step to the other paths."""
 
 import os
 import subprocess
@@ -8,14 +8,43 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
-pytest.importorskip("triton")
+from slimtrain.optim import kernels
+from tests.optim.test_kernels import run
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("case", ["configurations", "special_values", "uncovered"])
 def test_triton_kernel_gives_the_eager_bits(case):
+    pytest.importorskip("triton")
     result = subprocess.run([sys.executable, "-m", "tests.optim.triton_cases", case], cwd=ROOT,
                             env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True,
                             timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+class FailingKernels:
+    """A Triton module whose kernel cannot be compiled (as on a GPU its compiler rejects)."""
+
+    calls = 0
+
+    @staticmethod
+    def supported(m_format, v_format) -> bool:
+        return True
+
+    @classmethod
+    def adamw_step(cls, *args) -> None:
+        cls.calls += 1
+        raise RuntimeError("PTX assembly failed")
+
+
+def test_a_failing_triton_kernel_warns_once_and_the_step_takes_the_other_paths(monkeypatch):
+    monkeypatch.setattr(kernels, "TRITON_DEVICES", {"cpu"})
+    monkeypatch.setattr(kernels, "_triton", FailingKernels)
+    with pytest.warns(RuntimeWarning, match="Triton kernel failed .*PTX assembly failed"):
+        fused = run(True, (4097,), steps=3, state_bits=(4, 2))
+    assert FailingKernels.calls == 1 and kernels.triton_kernels() is None
+    eager = run(False, (4097,), steps=3, state_bits=(4, 2))
+    assert torch.equal(fused[0], eager[0])  # the C kernel took every step: the eager bits

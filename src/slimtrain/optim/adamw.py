@@ -181,12 +181,16 @@ class AdamW(LowBitOptimizer):
                      scalars: dict[str, Any], seeds: dict[str, int | None], maximize: bool) -> bool:
         """The Triton kernel's step of a plain float32 ``param`` (under 2^31 elements: int32
         indices) whose states it supports (see triton_adamw.supported); False where it does not,
-        or Triton is not installed."""
+        Triton is not installed, or the kernel fails to compile or launch (then never again)."""
         module = kernels.triton_kernels()
         if (module is None or not plain_float32(param) or is_low_precision(param) or param.numel() >= 2**31
                 or not module.supported(formats["exp_avg"], formats["exp_avg_sq"])):
             return False
-        module.adamw_step(param, param.grad, state, formats, scalars, seeds["exp_avg_sq"], maximize)
+        try:
+            module.adamw_step(param, param.grad, state, formats, scalars, seeds["exp_avg_sq"], maximize)
+        except Exception as error:  # compiling or launching it: before it wrote anything
+            kernels.disable_triton(error)
+            return False
         return True
 
     def _scalars(

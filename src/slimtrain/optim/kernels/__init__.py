@@ -111,15 +111,28 @@ def cpu_kernels() -> ctypes.CDLL | None:
 
 
 TRITON_DEVICES = {"cuda"}  # where the Triton kernels run (tests add "cpu" under Triton's interpreter)
+_triton: Any = None  # the Triton kernels' module once imported; False where unusable
 
 
 def triton_kernels() -> Any:
-    """The Triton kernels' module, or None where Triton is not installed."""
-    try:
-        from slimtrain.optim.kernels import triton_adamw
-    except ImportError:
-        return None
-    return triton_adamw
+    """The Triton kernels' module, or None where Triton is not installed or a kernel failed."""
+    global _triton
+    if _triton is None:
+        try:
+            from slimtrain.optim.kernels import triton_adamw
+        except ImportError:
+            _triton = False
+        else:
+            _triton = triton_adamw
+    return _triton or None
+
+
+def disable_triton(error: Exception) -> None:
+    """Stop using the Triton kernels, with one warning: one failed to compile or launch."""
+    global _triton
+    _triton = False
+    warnings.warn(f"slimtrain's Triton kernel failed ({type(error).__name__}: {error}); the steps it "
+                  "covered go through torch.compile from now on", RuntimeWarning, stacklevel=4)
 
 
 KIND_FLOAT, KIND_CODEBOOK, KIND_LOG = 0, 1, 2

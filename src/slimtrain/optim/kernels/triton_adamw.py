@@ -181,7 +181,8 @@ def _adamw_step_kernel(
     v_log_top = _log2(tl.where(v_top > 0.0, v_top, 1.0))
     v_step = tl.div_rn(v_log_top - _log2(tl.where(v_top > 0.0, v_bottom, 1.0)), V_LAST * 1.0)
     levels_per_octave = tl.where(v_step > 0.0, tl.div_rn(1.0, tl.where(v_step > 0.0, v_step, 1.0)), 0.0)
-    exponent = (v_log_top[:, None] - _log2(tl.maximum(x, TINY))) * levels_per_octave[:, None]
+    # log2 of x clamped to the smallest normal: log2(TINY) = -126 exactly
+    exponent = (v_log_top[:, None] - tl.where(x < TINY, -126.0, log_x)) * levels_per_octave[:, None]
     if V_STOCHASTIC:
         hashed = _mix32(index.to(tl.uint32) + v_key.to(tl.uint32))
         offset = (hashed >> 8).to(tl.float32) * (1.0 / 16777216.0)
