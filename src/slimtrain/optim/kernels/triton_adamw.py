@@ -114,23 +114,11 @@ def _pack_store(codes_ptr, codes, first_block, mask_blocks, BITS: tl.constexpr, 
     tl.store(codes_ptr + byte_index, packed.to(tl.uint8), mask=mask_blocks[:, None])
 
 
-@triton.jit(do_not_specialize=["v_key"])  # a key of 1 would otherwise become a constant
-def _adamw_step_kernel(
-    param_ptr, grad_ptr, m_codes_ptr, m_scales_ptr, levels_ptr, mids_ptr, v_codes_ptr, v_scales_ptr,
-    numel, n_blocks, decay, lerp_weight, beta2, one_minus_beta2, eps, inverse_correction,
-    neg_step_size, quantile, v_key,
-    MAXIMIZE: tl.constexpr, M_BITS: tl.constexpr, V_BITS: tl.constexpr, V_STOCHASTIC: tl.constexpr,
-    BLOCK: tl.constexpr, GROUP: tl.constexpr, STEPS: tl.constexpr,
-):
-    block = tl.program_id(0) * GROUP + tl.arange(0, GROUP)  # (GROUP,)
-    has_block = block < n_blocks
-    index = block[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]  # (GROUP, BLOCK) padded elements
-    real = index < numel
-    p = tl.load(param_ptr + index, mask=real, other=0.0)
-    g = tl.load(grad_ptr + index, mask=real, other=0.0)
-    if MAXIMIZE:
-        g = -g
-    # decode: m = levels[code] * scale; v = exp2(log2(max) - step * code) (0 for an all-zero block)
+@triton.jit
+def _decode_states(index, block, has_block, m_codes_ptr, m_scales_ptr, levels_ptr, v_codes_ptr,
+                   v_scales_ptr, n_blocks, M_BITS: tl.constexpr, V_BITS: tl.constexpr, BLOCK: tl.constexpr):
+    """m = levels[code] * scale and v = exp2(log2(max) - step * code) (0 for an all-zero block) of
+    the (blocks, BLOCK) padded elements ``index`` of blocks ``block``."""
     in_blocks = index < n_blocks * BLOCK
     m_scale = tl.load(m_scales_ptr + block, mask=has_block, other=0.0)
     m = tl.load(levels_ptr + _unpack(m_codes_ptr, index, in_blocks, M_BITS)) * m_scale[:, None]
@@ -142,24 +130,39 @@ def _adamw_step_kernel(
     step = tl.div_rn(log_top - _log2(tl.where(positive, bottom, 1.0)), V_LAST * 1.0)
     k = _unpack(v_codes_ptr, index, in_blocks, V_BITS).to(tl.float32)
     v = tl.where(positive[:, None], _exp2(log_top[:, None] - step[:, None] * k), 0.0)
-    # the update (functional.adamw_update_, reproducible=True)
+    return m, v
+
+
+@triton.jit
+def _adamw_update(p, g, m, v, decay, lerp_weight, beta2, one_minus_beta2, eps, inverse_correction,
+                  neg_step_size):
+    """functional.adamw_update_(reproducible=True): the new p, m, v and this step's denominator."""
     m = m + (g - m) * lerp_weight
     v = v * beta2 + one_minus_beta2 * g * g
     denominator = tl.sqrt_rn(v) * inverse_correction + eps
     p = p * decay + tl.div_rn(neg_step_size * m, denominator)
-    tl.store(param_ptr + index, p, mask=real)
-    # encode m: quantize_absmax, nearest level (the count of midpoints below)
+    return p, m, v, denominator
+
+
+@triton.jit
+def _encode_states(m, v, index, block, has_block, real, first_block, numel, m_codes_ptr, m_scales_ptr,
+                   mids_ptr, v_codes_ptr, v_scales_ptr, quantile, v_key, M_BITS: tl.constexpr,
+                   V_BITS: tl.constexpr, V_STOCHASTIC: tl.constexpr, BLOCK: tl.constexpr,
+                   BLOCKS: tl.constexpr, STEPS: tl.constexpr):
+    """Store m (quantize_absmax, nearest level) and v (quantize_log) of BLOCKS consecutive blocks
+    from first_block; padding (not ``real``) encodes as zeros."""
     m = tl.where(real, m, 0.0)
     absmax = tl.max(tl.abs(m), axis=1)
     boost = tl.where(absmax < TINY, 16777216.0, 1.0)
     inverse = tl.div_rn(1.0, tl.where(absmax > 0.0, absmax * boost, 1.0))
     y = (m * boost[:, None]) * inverse[:, None]
-    m_code = tl.zeros((GROUP, BLOCK), dtype=tl.float32)
+    m_code = tl.zeros((BLOCKS, BLOCK), dtype=tl.float32)  # the count of midpoints below y
     for j in tl.static_range((1 << M_BITS) - 1):
         m_code = m_code + (tl.load(mids_ptr + j) < y).to(tl.float32)
-    _pack_store(m_codes_ptr, m_code.to(tl.int32), tl.program_id(0) * GROUP, has_block, M_BITS, BLOCK, GROUP)
+    _pack_store(m_codes_ptr, m_code.to(tl.int32), first_block, has_block, M_BITS, BLOCK, BLOCKS)
     tl.store(m_scales_ptr + block, absmax, mask=has_block)
-    # encode v: quantize_log (x_p by bisection in log2, snapped to an element)
+    # v: x_p by bisection in log2, snapped to an element
+    V_LAST: tl.constexpr = (1 << V_BITS) - 1
     x = tl.where(real, v, 0.0)
     x = tl.where(x > LARGEST, LARGEST, x)
     valid = tl.minimum(numel - block * BLOCK, BLOCK).to(tl.float32)
@@ -183,17 +186,46 @@ def _adamw_step_kernel(
     levels_per_octave = tl.where(v_step > 0.0, tl.div_rn(1.0, tl.where(v_step > 0.0, v_step, 1.0)), 0.0)
     # log2 of x clamped to the smallest normal: log2(TINY) = -126 exactly
     exponent = (v_log_top[:, None] - tl.where(x < TINY, -126.0, log_x)) * levels_per_octave[:, None]
-    if V_STOCHASTIC:
-        hashed = _mix32(index.to(tl.uint32) + v_key.to(tl.uint32))
-        offset = (hashed >> 8).to(tl.float32) * (1.0 / 16777216.0)
-    else:
-        offset = 0.5
+    offset = _noise(index, v_key) if V_STOCHASTIC else 0.5
     v_code = tl.floor(exponent + offset)
     v_code = tl.where(v_code > 0.0, v_code, 0.0)  # NaN becomes 0, as in a uint8 conversion
     v_code = tl.where(v_code < V_LAST, v_code, V_LAST * 1.0)
-    _pack_store(v_codes_ptr, v_code.to(tl.int32), tl.program_id(0) * GROUP, has_block, V_BITS, BLOCK, GROUP)
+    _pack_store(v_codes_ptr, v_code.to(tl.int32), first_block, has_block, V_BITS, BLOCK, BLOCKS)
     tl.store(v_scales_ptr + 2 * block, v_top, mask=has_block)
     tl.store(v_scales_ptr + 2 * block + 1, v_bottom, mask=has_block)
+
+
+@triton.jit
+def _noise(index, key):
+    """rounding.uniform_noise of the padded elements ``index`` under the stream key ``key``."""
+    return (_mix32(index.to(tl.uint32) + key.to(tl.uint32)) >> 8).to(tl.float32) * (1.0 / 16777216.0)
+
+
+@triton.jit(do_not_specialize=["v_key"])  # a key of 1 would otherwise become a constant
+def _adamw_step_kernel(
+    param_ptr, grad_ptr, m_codes_ptr, m_scales_ptr, levels_ptr, mids_ptr, v_codes_ptr, v_scales_ptr,
+    numel, n_blocks, decay, lerp_weight, beta2, one_minus_beta2, eps, inverse_correction,
+    neg_step_size, quantile, v_key,
+    MAXIMIZE: tl.constexpr, M_BITS: tl.constexpr, V_BITS: tl.constexpr, V_STOCHASTIC: tl.constexpr,
+    BLOCK: tl.constexpr, GROUP: tl.constexpr, STEPS: tl.constexpr,
+):
+    first_block = tl.program_id(0) * GROUP
+    block = first_block + tl.arange(0, GROUP)  # (GROUP,)
+    has_block = block < n_blocks
+    index = block[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]  # (GROUP, BLOCK) padded elements
+    real = index < numel
+    p = tl.load(param_ptr + index, mask=real, other=0.0)
+    g = tl.load(grad_ptr + index, mask=real, other=0.0)
+    if MAXIMIZE:
+        g = -g
+    m, v = _decode_states(index, block, has_block, m_codes_ptr, m_scales_ptr, levels_ptr, v_codes_ptr,
+                          v_scales_ptr, n_blocks, M_BITS, V_BITS, BLOCK)
+    p, m, v, _ = _adamw_update(p, g, m, v, decay, lerp_weight, beta2, one_minus_beta2, eps,
+                               inverse_correction, neg_step_size)
+    tl.store(param_ptr + index, p, mask=real)
+    _encode_states(m, v, index, block, has_block, real, first_block, numel, m_codes_ptr, m_scales_ptr,
+                   mids_ptr, v_codes_ptr, v_scales_ptr, quantile, v_key, M_BITS, V_BITS, V_STOCHASTIC,
+                   BLOCK, GROUP, STEPS)
 
 
 def supported(m_format: StateFormat, v_format: StateFormat) -> bool:
