@@ -391,21 +391,15 @@ def test_every_instruction_set_gives_the_same_bits(tmp_path):
     assert digest("fused", "native") == eager
 
 
-@pytest.mark.parametrize("fmt", ["fp8_e4m3", "fp8_e5m2"])
-def test_float8_stochastic_rounding_at_exact_ties(fmt):
-    """The kernel's integer float8 rounding against the eager float one at the points where they
-    could part: values exactly at and beside the midpoint of two codes, and noise exactly at and
-    beside each threshold, for every pair of neighbouring normal codes (and subnormal ones, which
-    take the float path, alone and mixed into vectors with normal values)."""
-    library = kernels.cpu_kernels()
-    if library is None:
-        pytest.skip("no C compiler")
+def float8_tie_cases(fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, noise) where an integer float8 rounding and the eager float one could part: values
+    exactly at and beside the midpoint of two codes, and noise exactly at and beside each
+    threshold, for every pair of neighbouring normal codes (subnormal ones too), both signs, then
+    the same shuffled (normal and subnormal values mixed)."""
     mantissa_bits, bias = kernels.FLOAT8_LAYOUTS[fmt]
-    dtype = _FLOAT8[fmt]
     shift = 23 - mantissa_bits
-    limit = format_max(fmt)
-    magnitudes = torch.arange(1, 0x80, dtype=torch.int32).to(torch.uint8).view(dtype).float()
-    lower = magnitudes[(magnitudes > 0) & (magnitudes < limit)]
+    magnitudes = torch.arange(1, 0x80, dtype=torch.int32).to(torch.uint8).view(_FLOAT8[fmt]).float()
+    lower = magnitudes[(magnitudes > 0) & (magnitudes < format_max(fmt))]
     ys, noises = [], []
     half = 1 << (shift - 1)
     for discarded in (0, 1, half - 1, half, half + 1, 2 * half - 1):
@@ -418,23 +412,31 @@ def test_float8_stochastic_rounding_at_exact_ties(fmt):
                     noises.append(torch.full_like(y, k / 2**24))
     y, noise = torch.cat(ys), torch.cat(noises)
     shuffled = torch.randperm(y.numel(), generator=torch.Generator().manual_seed(0))
-    y, noise = torch.cat([y, y[shuffled]]), torch.cat([noise, noise[shuffled]])
-    expected = _float8_stochastic(y, dtype, noise).view(torch.uint8)
-    got = torch.empty(y.numel(), dtype=torch.uint8)
-    library.float8_stochastic_codes(y.numel(), y.data_ptr(), noise.data_ptr(), mantissa_bits, bias,
-                                    limit, got.data_ptr())
-    assert torch.equal(got, expected)
+    return torch.cat([y, y[shuffled]]), torch.cat([noise, noise[shuffled]])
 
 
-def test_kernel_log2_and_exp2_are_elementarys_in_every_lane():
-    """The kernel's log2 and exp2 (a fast path for vectors of 8 ordinary values, the general one
-    for vectors holding a zero, subnormal, negative, infinite or NaN lane, or, for exp2, an
-    exponent outside [-125, 126]) give slimtrain.quant.elementary's bits."""
+@pytest.mark.parametrize("fmt", ["fp8_e4m3", "fp8_e5m2"])
+def test_float8_stochastic_rounding_at_exact_ties(fmt):
+    """The kernel's integer float8 rounding (subnormal values take its float path, alone and mixed
+    into vectors with normal ones) against the eager float one at the points where they could part."""
     library = kernels.cpu_kernels()
     if library is None:
         pytest.skip("no C compiler")
+    mantissa_bits, bias = kernels.FLOAT8_LAYOUTS[fmt]
+    y, noise = float8_tie_cases(fmt)
+    expected = _float8_stochastic(y, _FLOAT8[fmt], noise).view(torch.uint8)
+    got = torch.empty(y.numel(), dtype=torch.uint8)
+    library.float8_stochastic_codes(y.numel(), y.data_ptr(), noise.data_ptr(), mantissa_bits, bias,
+                                    format_max(fmt), got.data_ptr())
+    assert torch.equal(got, expected)
+
+
+def elementary_inputs() -> torch.Tensor:
+    """Where log2 and exp2 could go wrong: every exponent with mantissas at and beside sqrt(1/2)'s
+    (where log2 takes the next exponent), uniform values in log2's and exp2's ranges, zeros,
+    subnormals, negatives, infinities, NaN and exp2's range limits, alone and mixed into vectors
+    of 8 ordinary values, and a partial last vector."""
     generator = torch.Generator().manual_seed(0)
-    # every exponent, mantissas at and beside sqrt(1/2)'s (where log2 takes the next exponent)
     exponents = torch.arange(1, 255, dtype=torch.int32) << 23
     mantissas = torch.tensor([0, 1, 0x3504F2, 0x3504F3, 0x3504F4, 0x400000, 0x7FFFFF], dtype=torch.int32)
     ordinary = (exponents[:, None] | mantissas[None, :]).reshape(-1).view(torch.float32)
@@ -447,12 +449,27 @@ def test_kernel_log2_and_exp2_are_elementarys_in_every_lane():
     mixed = torch.linspace(1.0, 7.0, 8).repeat(special.numel(), 1)  # in both fast paths' ranges
     mixed[torch.arange(special.numel()), torch.arange(special.numel()) % 8] = special
     partial = torch.tensor([0.5, 3.0, 7.0])  # the last vector
-    x = torch.cat([ordinary, mixed.reshape(-1), special, partial])
+    return torch.cat([ordinary, mixed.reshape(-1), special, partial])
+
+
+def assert_same_floats(got: torch.Tensor, expected: torch.Tensor) -> None:
+    """The same bits, NaN where NaN (of any payload)."""
+    assert torch.equal(got.isnan(), expected.isnan())
+    assert torch.equal(got[~got.isnan()].view(torch.int32), expected[~expected.isnan()].view(torch.int32))
+
+
+def test_kernel_log2_and_exp2_are_elementarys_in_every_lane():
+    """The kernel's log2 and exp2 (a fast path for vectors of 8 ordinary values, the general one
+    for vectors holding a zero, subnormal, negative, infinite or NaN lane, or, for exp2, an
+    exponent outside [-125, 126]) give slimtrain.quant.elementary's bits."""
+    library = kernels.cpu_kernels()
+    if library is None:
+        pytest.skip("no C compiler")
+    x = elementary_inputs()
     log2_out, exp2_out = torch.empty_like(x), torch.empty_like(x)
     library.elementary_lanes(x.numel(), x.data_ptr(), log2_out.data_ptr(), exp2_out.data_ptr())
-    for got, expected in ((log2_out, elementary.log2(x)), (exp2_out, elementary.exp2(x))):
-        assert torch.equal(got.isnan(), expected.isnan())
-        assert torch.equal(got[~got.isnan()].view(torch.int32), expected[~expected.isnan()].view(torch.int32))
+    assert_same_floats(log2_out, elementary.log2(x))
+    assert_same_floats(exp2_out, elementary.exp2(x))
 
 
 def search_lanes(table: torch.Tensor, x: torch.Tensor, inclusive: bool) -> torch.Tensor:

@@ -6,22 +6,35 @@ as a GPU computes it when the kernel is launched without fused multiply-adds."""
 import sys
 
 import torch
+import triton
+import triton.language as tl
 
 import slimtrain as st
 from slimtrain.optim import kernels
 from slimtrain.optim.kernels import triton_adamw
-from tests.optim.test_kernels import run
+from slimtrain.quant import elementary
+from slimtrain.quant.formats import _FLOAT8, _float8_stochastic, format_max
+from tests.optim.test_kernels import assert_same_floats, elementary_inputs, float8_tie_cases, run, run_weight
 
 CALLS: list[int] = []
-_original_step = triton_adamw.adamw_step
 kernels.TRITON_DEVICES = {"cpu"}
+_original_step, _original_weight_step = triton_adamw.adamw_step, triton_adamw.adamw_float8_weight_step
 triton_adamw.adamw_step = lambda *a: CALLS.append(1) or _original_step(*a)
+triton_adamw.adamw_float8_weight_step = lambda *a: CALLS.append(1) or _original_weight_step(*a)
 
 CONFIGURATIONS = [
     dict(state_bits=(4, 2)),
     dict(state_bits=(2, 2), state_rounding="nearest"),
     dict(state_bits=(4, 4), maximize=True, block_size=32, weight_decay=0.3),
     dict(state_bits=(2, 4), quantile=0.3, block_size=16, eps=1e-3, betas=(0.5, 0.9)),
+]
+WEIGHT_CONFIGURATIONS = [  # (shape, options): float8 weights updated without a master copy
+    ((48, 128), dict(state_bits=(4, 2), rounding="stochastic")),  # the slim recipe
+    ((48, 128), dict(state_bits=(4, 2), rounding="nearest", maximize=True)),
+    ((30, 64), dict(state_bits=(2, 2), weight_update="naive", rounding="stochastic", block_size=32)),
+    ((48, 128), dict(state_bits=(4, 4), fmt="fp8_e5m2", weight_decay=0.5)),
+    ((24, 96), dict(state_bits=(4, 2), granularity="group", group_size=32)),
+    ((8, 2048), dict(state_bits=(4, 2), rounding="stochastic")),  # a row of 16 blocks
 ]
 UNCOVERED = [dict(state_bits=(3, 2)), dict(state_bits=(8, 8)),
              dict(state_bits=(4, 2), state_rounding="stochastic"), dict(state_bits=(4, 2), block_size=48),
@@ -60,14 +73,72 @@ def special_values() -> None:
     assert_same(*results, "special values")
 
 
+def weights() -> None:
+    """Float8 weights (row and group scales, ECO and naive, nearest and stochastic rounding)."""
+    for shape, options in WEIGHT_CONFIGURATIONS:
+        CALLS.clear()
+        fused = run_weight(True, shape, steps=3, **options)
+        assert len(CALLS) == 3, f"{options}: {len(CALLS)} Triton steps of 3"
+        eager = run_weight(False, shape, steps=3, **options)
+        assert torch.equal(fused[0].codes.view(torch.uint8), eager[0].codes.view(torch.uint8)), \
+            f"{options}: codes differ"
+        assert torch.equal(fused[0].scales, eager[0].scales), f"{options}: scales differ"
+        for key in fused[1]:
+            assert torch.equal(fused[1][key], eager[1][key]), f"{options}: {key} differs"
+
+
+@triton.jit
+def _elementwise(x_ptr, noise_ptr, out_ptr, n, WHAT: tl.constexpr, MANTISSA: tl.constexpr,
+                 BIAS: tl.constexpr, FORMAT_MAX: tl.constexpr, BLOCK: tl.constexpr):
+    """out = log2(x) (WHAT 0), exp2(x) (1) or the float8 stochastic code of x (2), as float32."""
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = i < n
+    x = tl.load(x_ptr + i, mask=mask, other=1.0)
+    if WHAT == 0:
+        out = triton_adamw._log2(x)
+    elif WHAT == 1:
+        out = triton_adamw._exp2(x)
+    else:
+        noise = tl.load(noise_ptr + i, mask=mask, other=0.0)
+        out = triton_adamw._float8_stochastic(x, noise, MANTISSA, BIAS, FORMAT_MAX).to(tl.float32)
+    tl.store(out_ptr + i, out, mask=mask)
+
+
+def elementwise(what: int, x: torch.Tensor, noise: torch.Tensor | None = None, fmt: str = "fp8_e4m3"):
+    out = torch.empty_like(x)
+    mantissa, bias = kernels.FLOAT8_LAYOUTS[fmt]
+    _elementwise[(triton.cdiv(x.numel(), 1024),)](x, x if noise is None else noise, out, x.numel(), what,
+                                                  mantissa, bias, format_max(fmt), 1024)
+    return out
+
+
+def elementary_functions() -> None:
+    """The kernel's log2 and exp2 give slimtrain.quant.elementary's bits on special values too, and
+    its float8 stochastic rounding the eager one's at exact ties."""
+    x = elementary_inputs()
+    assert_same_floats(elementwise(0, x), elementary.log2(x))
+    assert_same_floats(elementwise(1, x), elementary.exp2(x))
+    for fmt in ("fp8_e4m3", "fp8_e5m2"):
+        y, noise = float8_tie_cases(fmt)
+        expected = _float8_stochastic(y, _FLOAT8[fmt], noise).view(torch.uint8)
+        assert torch.equal(elementwise(2, y, noise, fmt).to(torch.uint8), expected), fmt
+
+
 def uncovered() -> None:
     """Formats the kernel does not cover take the C kernel (the same bits), never the Triton one."""
     for options in UNCOVERED:
         fused = run(True, (4097,), steps=2, **options)
         assert not CALLS, f"{options}: stepped by the Triton kernel"
         assert_same(fused, run(False, (4097,), steps=2, **options), str(options))
+    for fmt, shape, options in [("int8", (48, 128), {}), ("fp8_e4m3", (48, 96), {}),
+                                ("fp8_e4m3", (48, 128), dict(state_bits=(8, 3)))]:
+        fused = run_weight(True, shape, fmt, steps=2, **options)
+        assert not CALLS, f"{fmt} {shape} {options}: stepped by the Triton kernel"
+        eager = run_weight(False, shape, fmt, steps=2, **options)
+        assert torch.equal(fused[0].scales, eager[0].scales), f"{fmt} {shape} {options}"
 
 
 if __name__ == "__main__":
-    cases = {"configurations": configurations, "special_values": special_values, "uncovered": uncovered}
+    cases = {"configurations": configurations, "special_values": special_values, "weights": weights,
+             "elementary_functions": elementary_functions, "uncovered": uncovered}
     cases[sys.argv[1]]()

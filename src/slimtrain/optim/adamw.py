@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+from functools import partial
 from typing import Any
 
 import torch
@@ -12,7 +13,7 @@ from slimtrain.optim.base import LowBitOptimizer, as_pair, check_adam_options, c
 from slimtrain.optim.functional import adam_denominator, adam_step_scalars, adamw_update_
 from slimtrain.optim.state import SIGNED_MAPS, STATE_BITS, UNSIGNED_MAPS, StateFormat, scaled_beta
 from slimtrain.quant import ROUNDING_MODES
-from slimtrain.weights.tensor import is_low_precision
+from slimtrain.weights.tensor import QuantizedWeight, is_low_precision
 
 BETA1_POLICIES = ("scaled", "fixed")
 
@@ -155,8 +156,8 @@ class AdamW(LowBitOptimizer):
         if weight_update is None and not any(f.quantized for f in formats.values()):
             return torch_fused_step(param, state, group, maximize)
         block_size = formats["exp_avg"].block_size
-        if (weight_update is None and param.device.type in kernels.TRITON_DEVICES
-                and self._triton_step(param, formats, state, scalars, seeds, maximize)):
+        if param.device.type in kernels.TRITON_DEVICES and self._triton_step(
+                param, formats, state, scalars, seeds, options, weight_seed):
             return True
         layout = kernels.layout_of(param, block_size, weight_update)
         library = kernels.cpu_kernels() if layout else None
@@ -178,16 +179,31 @@ class AdamW(LowBitOptimizer):
 
     @staticmethod
     def _triton_step(param: torch.Tensor, formats: dict[str, StateFormat], state: dict,
-                     scalars: dict[str, Any], seeds: dict[str, int | None], maximize: bool) -> bool:
-        """The Triton kernel's step of a plain float32 ``param`` (under 2^31 elements: int32
-        indices) whose states it supports (see triton_adamw.supported); False where it does not,
-        Triton is not installed, or the kernel fails to compile or launch (then never again)."""
+                     scalars: dict[str, Any], seeds: dict[str, int | None], options: tuple[bool, str | None],
+                     weight_seed: int | None) -> bool:
+        """The Triton kernels' step of a plain float32 ``param``, or of a float8 QuantizedWeight
+        updated by ECO or naively, whose states they support (see triton_adamw.supported and
+        weight_supported; under 2^31 elements: int32 indices). False where they do not, Triton
+        is not installed, or a kernel fails to compile or launch (then never again)."""
+        maximize, weight_update = options
         module = kernels.triton_kernels()
-        if (module is None or not plain_float32(param) or is_low_precision(param) or param.numel() >= 2**31
-                or not module.supported(formats["exp_avg"], formats["exp_avg_sq"])):
+        if module is None or param.numel() >= 2**31 or not param.grad.is_contiguous():
             return False
+        m_format, v_format = formats["exp_avg"], formats["exp_avg_sq"]
+        if isinstance(param, QuantizedWeight):
+            if (weight_update not in ("eco", "naive")
+                    or not module.weight_supported(param, m_format, v_format)):
+                return False
+            step = partial(module.adamw_float8_weight_step, param, param.grad, state, formats, scalars,
+                           seeds["exp_avg_sq"], weight_seed, weight_update == "eco", maximize)
+        else:
+            if (not plain_float32(param) or is_low_precision(param)
+                    or not module.supported(m_format, v_format)):
+                return False
+            step = partial(module.adamw_step, param, param.grad, state, formats, scalars,
+                           seeds["exp_avg_sq"], maximize)
         try:
-            module.adamw_step(param, param.grad, state, formats, scalars, seeds["exp_avg_sq"], maximize)
+            step()
         except Exception as error:  # compiling or launching it: before it wrote anything
             kernels.disable_triton(error)
             return False

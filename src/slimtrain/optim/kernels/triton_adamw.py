@@ -16,11 +16,14 @@ import torch
 import triton
 import triton.language as tl
 
+from slimtrain.optim.kernels import FLOAT8_LAYOUTS
 from slimtrain.optim.state import StateFormat
 from slimtrain.quant.blockwise import QUANTILE_BISECTION_STEPS
 from slimtrain.quant.codebooks import codebook
 from slimtrain.quant.elementary import _ATANH, _EXP2, _SQRT_HALF, _TWO_OVER_LN2
+from slimtrain.quant.formats import format_max
 from slimtrain.quant.rounding import noise_key
+from slimtrain.weights.tensor import QuantizedWeight
 
 GROUP = 8  # blocks per program
 # constants of slimtrain.quant.elementary and blockwise, as the kernels see them
@@ -228,6 +231,97 @@ def _adamw_step_kernel(
                    BLOCK, GROUP, STEPS)
 
 
+@triton.jit
+def _float8_decode(codes, MANTISSA: tl.constexpr, BIAS: tl.constexpr):
+    """The float32 values of int32 float8 codes, as torch decodes every finite code: exponent and
+    mantissa bits placed in a float32 (a float32 subnormal where the float8 is one), rescaled."""
+    bits = ((codes & 0x7F) << (23 - MANTISSA)) | ((codes & 0x80) << 24)
+    return bits.to(tl.float32, bitcast=True) * (2.0 ** (127 - BIAS))
+
+
+@triton.jit
+def _float8_nearest(y, MANTISSA: tl.constexpr, BIAS: tl.constexpr):
+    """The nearest float8 codes (int32) of float32 |y| <= the format's max, ties to even."""
+    bits = y.to(tl.int32, bitcast=True)
+    sign = (bits >> 24) & 0x80
+    a = tl.abs(y)
+    # multiples of the smallest subnormal (below 2^MANTISSA): adding 2^23 rounds them to nearest even
+    units = (tl.minimum(a, 2.0 ** (1 - BIAS)) * (2.0 ** (BIAS - 1 + MANTISSA)) + 8388608.0) - 8388608.0
+    SHIFT: tl.constexpr = 23 - MANTISSA
+    b = a.to(tl.int32, bitcast=True)
+    b = b + ((1 << SHIFT) >> 1) - 1 + ((b >> SHIFT) & 1)
+    normal = (b >> SHIFT) - ((127 - BIAS) << MANTISSA)
+    return sign | tl.where(a < 2.0 ** (1 - BIAS), units.to(tl.int32), normal)
+
+
+@triton.jit
+def _float8_stochastic(y, noise, MANTISSA: tl.constexpr, BIAS: tl.constexpr, FORMAT_MAX: tl.constexpr):
+    """formats._float8_stochastic: the nearest code, or its neighbour on the other side of y with
+    probability proportional to closeness (noise in [0, 1))."""
+    nearest = _float8_nearest(y, MANTISSA, BIAS)
+    near = _float8_decode(nearest, MANTISSA, BIAS)
+    away = (tl.abs(near) < tl.abs(y)) | (near == 0.0)  # the other neighbour is farther from zero
+    other_magnitude = (nearest & 0x7F) + tl.where(away, 1, -1)
+    other_magnitude = tl.minimum(tl.maximum(other_magnitude, 0), 0x7F)
+    other_code = other_magnitude | (nearest & 0x80)
+    other = _float8_decode(other_code, MANTISSA, BIAS)
+    usable = tl.abs(other) <= FORMAT_MAX  # finite and in range
+    other_code = tl.where(usable, other_code, nearest)
+    other = tl.where(usable, other, near)
+    gap = tl.abs(other - near)
+    p_other = tl.where(gap > 0.0, tl.div_rn(tl.abs(y - near), tl.where(gap > 0.0, gap, 1.0)), 0.0)
+    return tl.where(noise < p_other, other_code, nearest)
+
+
+@triton.jit(do_not_specialize=["v_key", "weight_key"])
+def _adamw_float8_weight_kernel(
+    codes_ptr, scales_ptr, grad_ptr, m_codes_ptr, m_scales_ptr, levels_ptr, mids_ptr, v_codes_ptr,
+    v_scales_ptr, numel, n_blocks, decay, lerp_weight, beta2, one_minus_beta2, eps, inverse_correction,
+    neg_step_size, quantile, v_key, weight_key, eco_scale,
+    MAXIMIZE: tl.constexpr, M_BITS: tl.constexpr, V_BITS: tl.constexpr, V_STOCHASTIC: tl.constexpr,
+    BLOCK: tl.constexpr, BLOCKS: tl.constexpr, SCALE_GROUP: tl.constexpr, STEPS: tl.constexpr,
+    MANTISSA: tl.constexpr, BIAS: tl.constexpr, FORMAT_MAX: tl.constexpr, WEIGHT_STOCHASTIC: tl.constexpr,
+    ECO: tl.constexpr,
+):
+    """The step of BLOCKS * BLOCK elements of a float8 weight (whole scale groups: rows or groups
+    of a row) without a master copy: decode, update, re-quantize with new absmax scales (nearest or
+    stochastic), feed the rounding error into m (ECO) or drop it, encode m and v."""
+    first_block = tl.program_id(0) * BLOCKS
+    block = first_block + tl.arange(0, BLOCKS)
+    has_block = block < n_blocks
+    index = block[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
+    real = index < numel
+    scale = tl.load(scales_ptr + index // SCALE_GROUP, mask=real, other=0.0)
+    codes = tl.load(codes_ptr + index, mask=real, other=0).to(tl.int32)
+    p = _float8_decode(codes, MANTISSA, BIAS) * scale
+    g = tl.load(grad_ptr + index, mask=real, other=0.0)
+    if MAXIMIZE:
+        g = -g
+    m, v = _decode_states(index, block, has_block, m_codes_ptr, m_scales_ptr, levels_ptr, v_codes_ptr,
+                          v_scales_ptr, n_blocks, M_BITS, V_BITS, BLOCK)
+    x, m, v, denominator = _adamw_update(p, g, m, v, decay, lerp_weight, beta2, one_minus_beta2, eps,
+                                         inverse_correction, neg_step_size)
+    # quantize_weight: absmax scales of the new values, per scale group
+    GROUPS: tl.constexpr = BLOCKS * BLOCK // SCALE_GROUP
+    absmax = tl.max(tl.reshape(tl.where(real, tl.abs(x), 0.0), (GROUPS, SCALE_GROUP)), axis=1)
+    new_scale = tl.div_rn(absmax, FORMAT_MAX)
+    expanded = tl.reshape(tl.broadcast_to(new_scale[:, None], (GROUPS, SCALE_GROUP)), (BLOCKS, BLOCK))
+    y = tl.div_rn(x, tl.where(expanded > 0.0, expanded, 1.0))
+    y = tl.where(y > FORMAT_MAX, FORMAT_MAX, tl.where(y < -FORMAT_MAX, -FORMAT_MAX, y))
+    if WEIGHT_STOCHASTIC:
+        code = _float8_stochastic(y, _noise(index, weight_key), MANTISSA, BIAS, FORMAT_MAX)
+    else:
+        code = _float8_nearest(y, MANTISSA, BIAS)
+    tl.store(codes_ptr + index, code.to(tl.uint8), mask=real)
+    group_index = tl.program_id(0) * GROUPS + tl.arange(0, GROUPS)
+    tl.store(scales_ptr + group_index, new_scale, mask=group_index < numel // SCALE_GROUP)
+    if ECO:  # m += (eco_scale * denominator) * e, e = the new value less what was stored
+        m = m + eco_scale * denominator * (x - _float8_decode(code, MANTISSA, BIAS) * expanded)
+    _encode_states(m, v, index, block, has_block, real, first_block, numel, m_codes_ptr, m_scales_ptr,
+                   mids_ptr, v_codes_ptr, v_scales_ptr, quantile, v_key, M_BITS, V_BITS, V_STOCHASTIC,
+                   BLOCK, BLOCKS, STEPS)
+
+
 def supported(m_format: StateFormat, v_format: StateFormat) -> bool:
     """Whether this kernel steps states stored in ``m_format`` and ``v_format``: m a 2- or 4-bit
     codebook rounded to nearest, v 2- or 4-bit logarithmic levels (either rounding), one
@@ -255,18 +349,58 @@ def adamw_step(param: torch.Tensor, grad: torch.Tensor, state: dict, formats: di
     """One AdamW step of a contiguous float32 ``param`` with ``grad`` (float32, same shape) and the
     states ``state["exp_avg_*"]``, ``state["exp_avg_sq_*"]`` stored in ``formats`` (see
     :func:`supported`); ``scalars`` as AdamW._scalars returns them, ``v_seed`` v's rounding seed."""
-    m_format, v_format = formats["exp_avg"], formats["exp_avg_sq"]
-    block_size = m_format.block_size
-    levels, mids = _levels_and_mids(m_format, param.device)
     numel = param.numel()
-    blocks = -(-numel // block_size)
-    stochastic = v_format.stochastic and v_seed is not None
+    blocks = -(-numel // formats["exp_avg"].block_size)
+    tensors, scalar_values, constants = _launch_arguments(state, formats, scalars, v_seed, param.device)
     _adamw_step_kernel[(triton.cdiv(blocks, GROUP),)](
-        param, grad, state["exp_avg_codes"], state["exp_avg_scales"], levels, mids,
-        state["exp_avg_sq_codes"], state["exp_avg_sq_scales"], numel, blocks,
+        param, grad, *tensors, numel, blocks, *scalar_values, MAXIMIZE=maximize, GROUP=GROUP, **constants,
+    )
+
+
+def weight_supported(weight: QuantizedWeight, m_format: StateFormat, v_format: StateFormat) -> bool:
+    """Whether the float8 weight kernel steps ``weight``: float8 codes with row or group scales
+    whose groups hold a power-of-two number of elements, states that :func:`supported` covers."""
+    group = weight.shape[1] if weight.format.granularity == "row" else weight.format.group_size
+    return (weight.format.fmt in FLOAT8_LAYOUTS and weight.format.granularity in ("row", "group")
+            and group & (group - 1) == 0 and supported(m_format, v_format))
+
+
+def _launch_arguments(state: dict, formats: dict[str, StateFormat], scalars: dict, v_seed: int | None,
+                      device: torch.device) -> tuple[list, list, dict]:
+    """What both kernels take: the states' tensors, the scalars, the constants."""
+    m_format, v_format = formats["exp_avg"], formats["exp_avg_sq"]
+    levels, mids = _levels_and_mids(m_format, device)
+    stochastic = v_format.stochastic and v_seed is not None
+    tensors = [
+        state["exp_avg_codes"], state["exp_avg_scales"], levels, mids, state["exp_avg_sq_codes"],
+        state["exp_avg_sq_scales"],
+    ]
+    scalar_values = [
         scalars["decay"], 1 - scalars["beta1"], scalars["beta2"], 1 - scalars["beta2"], scalars["eps"],
         1 / scalars["bias_correction2_sqrt"], -scalars["step_size"], v_format.quantile,
         noise_key(v_seed) if stochastic else 0,
-        MAXIMIZE=maximize, M_BITS=m_format.bits, V_BITS=v_format.bits, V_STOCHASTIC=stochastic,
-        BLOCK=block_size, GROUP=GROUP, STEPS=QUANTILE_BISECTION_STEPS, enable_fp_fusion=False,
+    ]
+    constants = dict(M_BITS=m_format.bits, V_BITS=v_format.bits, V_STOCHASTIC=stochastic,
+                     BLOCK=m_format.block_size, STEPS=QUANTILE_BISECTION_STEPS, enable_fp_fusion=False)
+    return tensors, scalar_values, constants
+
+
+def adamw_float8_weight_step(weight: QuantizedWeight, grad: torch.Tensor, state: dict,
+                             formats: dict[str, StateFormat], scalars: dict, v_seed: int | None,
+                             weight_seed: int | None, eco: bool, maximize: bool) -> None:
+    """One AdamW step of a float8 QuantizedWeight (see :func:`weight_supported`) updated without a
+    master copy: ECO (``eco``) or naive; stochastic rounding where ``weight_seed`` is given."""
+    mantissa, bias = FLOAT8_LAYOUTS[weight.format.fmt]
+    scale_group = weight.shape[1] if weight.format.granularity == "row" else weight.format.group_size
+    block_size = formats["exp_avg"].block_size
+    blocks_per_program = max(GROUP, scale_group // block_size)
+    numel = weight.numel()
+    blocks = -(-numel // block_size)
+    tensors, scalar_values, constants = _launch_arguments(state, formats, scalars, v_seed, weight.device)
+    _adamw_float8_weight_kernel[(triton.cdiv(blocks, blocks_per_program),)](
+        weight.codes.view(torch.uint8), weight.scales, grad, *tensors, numel, blocks, *scalar_values,
+        0 if weight_seed is None else noise_key(weight_seed), scalars["eco_scale"],
+        MAXIMIZE=maximize, BLOCKS=blocks_per_program, SCALE_GROUP=scale_group, MANTISSA=mantissa,
+        BIAS=bias, FORMAT_MAX=format_max(weight.format.fmt), WEIGHT_STOCHASTIC=weight_seed is not None,
+        ECO=eco, **constants,
     )
