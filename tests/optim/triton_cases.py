@@ -30,11 +30,13 @@ CONFIGURATIONS = [
 ]
 WEIGHT_CONFIGURATIONS = [  # (shape, options): float8 weights updated without a master copy
     ((48, 128), dict(state_bits=(4, 2), rounding="stochastic")),  # the slim recipe
+    ((7, 384), dict(state_bits=(4, 2), rounding="stochastic")),  # rows of 3 blocks (4 with padding)
     ((48, 128), dict(state_bits=(4, 2), rounding="nearest", maximize=True)),
     ((30, 64), dict(state_bits=(2, 2), weight_update="naive", rounding="stochastic", block_size=32)),
-    ((48, 128), dict(state_bits=(4, 4), fmt="fp8_e5m2", weight_decay=0.5)),
-    ((24, 96), dict(state_bits=(4, 2), granularity="group", group_size=32)),
-    ((8, 2048), dict(state_bits=(4, 2), rounding="stochastic")),  # a row of 16 blocks
+    ((24, 256), dict(state_bits=(4, 4), fmt="fp8_e5m2", weight_decay=0.5)),
+    ((10, 96), dict(state_bits=(4, 2), granularity="group", group_size=32, block_size=32)),
+    ((3, 1536), dict(state_bits=(4, 2), granularity="group", group_size=64)),
+    ((2, 2048), dict(state_bits=(4, 2), rounding="stochastic")),  # a row of 16 blocks
 ]
 UNCOVERED = [dict(state_bits=(3, 2)), dict(state_bits=(8, 8)),
              dict(state_bits=(4, 2), state_rounding="stochastic"), dict(state_bits=(4, 2), block_size=48),
@@ -130,7 +132,7 @@ def uncovered() -> None:
         fused = run(True, (4097,), steps=2, **options)
         assert not CALLS, f"{options}: stepped by the Triton kernel"
         assert_same(fused, run(False, (4097,), steps=2, **options), str(options))
-    for fmt, shape, options in [("int8", (48, 128), {}), ("fp8_e4m3", (48, 96), {}),
+    for fmt, shape, options in [("int8", (48, 128), {}), ("fp8_e4m3", (48, 192), {}),
                                 ("fp8_e4m3", (48, 128), dict(state_bits=(8, 3)))]:
         fused = run_weight(True, shape, fmt, steps=2, **options)
         assert not CALLS, f"{fmt} {shape} {options}: stepped by the Triton kernel"

@@ -105,15 +105,14 @@ def _unpack(codes_ptr, index, mask, BITS: tl.constexpr):
 
 
 @triton.jit
-def _pack_store(codes_ptr, codes, first_block, mask_blocks, BITS: tl.constexpr, BLOCK: tl.constexpr,
-                GROUP: tl.constexpr):
-    """Store (GROUP, BLOCK) int32 codes of blocks first_block + (0 .. GROUP) packed as _unpack reads."""
+def _pack_store(codes_ptr, codes, block, mask_blocks, BITS: tl.constexpr, BLOCK: tl.constexpr,
+                BLOCKS: tl.constexpr):
+    """Store (BLOCKS, BLOCK) int32 codes of the blocks ``block`` packed as _unpack reads them."""
     PER: tl.constexpr = 8 // BITS
     shifts = (tl.arange(0, BLOCK) % PER) * BITS
-    words = tl.reshape(codes << shifts[None, :], (GROUP, BLOCK // PER, PER))
+    words = tl.reshape(codes << shifts[None, :], (BLOCKS, BLOCK // PER, PER))
     packed = tl.sum(words, axis=2)  # disjoint bits: the sum is the OR
-    byte_index = (first_block + tl.arange(0, GROUP))[:, None] * (BLOCK // PER) + \
-        tl.arange(0, BLOCK // PER)[None, :]
+    byte_index = block[:, None] * (BLOCK // PER) + tl.arange(0, BLOCK // PER)[None, :]
     tl.store(codes_ptr + byte_index, packed.to(tl.uint8), mask=mask_blocks[:, None])
 
 
@@ -148,12 +147,12 @@ def _adamw_update(p, g, m, v, decay, lerp_weight, beta2, one_minus_beta2, eps, i
 
 
 @triton.jit
-def _encode_states(m, v, index, block, has_block, real, first_block, numel, m_codes_ptr, m_scales_ptr,
+def _encode_states(m, v, index, block, has_block, real, numel, m_codes_ptr, m_scales_ptr,
                    mids_ptr, v_codes_ptr, v_scales_ptr, quantile, v_key, M_BITS: tl.constexpr,
                    V_BITS: tl.constexpr, V_STOCHASTIC: tl.constexpr, BLOCK: tl.constexpr,
                    BLOCKS: tl.constexpr, STEPS: tl.constexpr):
-    """Store m (quantize_absmax, nearest level) and v (quantize_log) of BLOCKS consecutive blocks
-    from first_block; padding (not ``real``) encodes as zeros."""
+    """Store m (quantize_absmax, nearest level) and v (quantize_log) of the BLOCKS blocks ``block``
+    (those of ``has_block``); padding (not ``real``) encodes as zeros."""
     m = tl.where(real, m, 0.0)
     absmax = tl.max(tl.abs(m), axis=1)
     boost = tl.where(absmax < TINY, 16777216.0, 1.0)
@@ -162,7 +161,7 @@ def _encode_states(m, v, index, block, has_block, real, first_block, numel, m_co
     m_code = tl.zeros((BLOCKS, BLOCK), dtype=tl.float32)  # the count of midpoints below y
     for j in tl.static_range((1 << M_BITS) - 1):
         m_code = m_code + (tl.load(mids_ptr + j) < y).to(tl.float32)
-    _pack_store(m_codes_ptr, m_code.to(tl.int32), first_block, has_block, M_BITS, BLOCK, BLOCKS)
+    _pack_store(m_codes_ptr, m_code.to(tl.int32), block, has_block, M_BITS, BLOCK, BLOCKS)
     tl.store(m_scales_ptr + block, absmax, mask=has_block)
     # v: x_p by bisection in log2, snapped to an element
     V_LAST: tl.constexpr = (1 << V_BITS) - 1
@@ -193,7 +192,7 @@ def _encode_states(m, v, index, block, has_block, real, first_block, numel, m_co
     v_code = tl.floor(exponent + offset)
     v_code = tl.where(v_code > 0.0, v_code, 0.0)  # NaN becomes 0, as in a uint8 conversion
     v_code = tl.where(v_code < V_LAST, v_code, V_LAST * 1.0)
-    _pack_store(v_codes_ptr, v_code.to(tl.int32), first_block, has_block, V_BITS, BLOCK, BLOCKS)
+    _pack_store(v_codes_ptr, v_code.to(tl.int32), block, has_block, V_BITS, BLOCK, BLOCKS)
     tl.store(v_scales_ptr + 2 * block, v_top, mask=has_block)
     tl.store(v_scales_ptr + 2 * block + 1, v_bottom, mask=has_block)
 
@@ -212,8 +211,7 @@ def _adamw_step_kernel(
     MAXIMIZE: tl.constexpr, M_BITS: tl.constexpr, V_BITS: tl.constexpr, V_STOCHASTIC: tl.constexpr,
     BLOCK: tl.constexpr, GROUP: tl.constexpr, STEPS: tl.constexpr,
 ):
-    first_block = tl.program_id(0) * GROUP
-    block = first_block + tl.arange(0, GROUP)  # (GROUP,)
+    block = tl.program_id(0) * GROUP + tl.arange(0, GROUP)  # (GROUP,)
     has_block = block < n_blocks
     index = block[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]  # (GROUP, BLOCK) padded elements
     real = index < numel
@@ -226,9 +224,9 @@ def _adamw_step_kernel(
     p, m, v, _ = _adamw_update(p, g, m, v, decay, lerp_weight, beta2, one_minus_beta2, eps,
                                inverse_correction, neg_step_size)
     tl.store(param_ptr + index, p, mask=real)
-    _encode_states(m, v, index, block, has_block, real, first_block, numel, m_codes_ptr, m_scales_ptr,
-                   mids_ptr, v_codes_ptr, v_scales_ptr, quantile, v_key, M_BITS, V_BITS, V_STOCHASTIC,
-                   BLOCK, GROUP, STEPS)
+    _encode_states(m, v, index, block, has_block, real, numel, m_codes_ptr, m_scales_ptr, mids_ptr,
+                   v_codes_ptr, v_scales_ptr, quantile, v_key, M_BITS, V_BITS, V_STOCHASTIC, BLOCK, GROUP,
+                   STEPS)
 
 
 @triton.jit
@@ -276,22 +274,27 @@ def _float8_stochastic(y, noise, MANTISSA: tl.constexpr, BIAS: tl.constexpr, FOR
 @triton.jit(do_not_specialize=["v_key", "weight_key"])
 def _adamw_float8_weight_kernel(
     codes_ptr, scales_ptr, grad_ptr, m_codes_ptr, m_scales_ptr, levels_ptr, mids_ptr, v_codes_ptr,
-    v_scales_ptr, numel, n_blocks, decay, lerp_weight, beta2, one_minus_beta2, eps, inverse_correction,
-    neg_step_size, quantile, v_key, weight_key, eco_scale,
+    v_scales_ptr, rows, blocks_per_row, numel, n_blocks, decay, lerp_weight, beta2, one_minus_beta2, eps,
+    inverse_correction, neg_step_size, quantile, v_key, weight_key, eco_scale,
     MAXIMIZE: tl.constexpr, M_BITS: tl.constexpr, V_BITS: tl.constexpr, V_STOCHASTIC: tl.constexpr,
-    BLOCK: tl.constexpr, BLOCKS: tl.constexpr, SCALE_GROUP: tl.constexpr, STEPS: tl.constexpr,
-    MANTISSA: tl.constexpr, BIAS: tl.constexpr, FORMAT_MAX: tl.constexpr, WEIGHT_STOCHASTIC: tl.constexpr,
-    ECO: tl.constexpr,
+    BLOCK: tl.constexpr, ROWS: tl.constexpr, ROW_BLOCKS: tl.constexpr, SCALE_GROUP: tl.constexpr,
+    STEPS: tl.constexpr, MANTISSA: tl.constexpr, BIAS: tl.constexpr, FORMAT_MAX: tl.constexpr,
+    WEIGHT_STOCHASTIC: tl.constexpr, ECO: tl.constexpr,
 ):
-    """The step of BLOCKS * BLOCK elements of a float8 weight (whole scale groups: rows or groups
-    of a row) without a master copy: decode, update, re-quantize with new absmax scales (nearest or
-    stochastic), feed the rounding error into m (ECO) or drop it, encode m and v."""
-    first_block = tl.program_id(0) * BLOCKS
-    block = first_block + tl.arange(0, BLOCKS)
-    has_block = block < n_blocks
-    index = block[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
-    real = index < numel
-    scale = tl.load(scales_ptr + index // SCALE_GROUP, mask=real, other=0.0)
+    """The step of ROWS rows of a float8 weight whose rows hold ``blocks_per_row`` whole blocks
+    (ROW_BLOCKS of them, the rest masked), without a master copy: decode, update, re-quantize with
+    new absmax scales per row (SCALE_GROUP 0) or per group of SCALE_GROUP elements of a row,
+    nearest or stochastic, feed the rounding error into m (ECO) or drop it, encode m and v."""
+    BLOCKS: tl.constexpr = ROWS * ROW_BLOCKS
+    row = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    in_row = tl.arange(0, ROW_BLOCKS)
+    has_block = tl.reshape((row[:, None] < rows) & (in_row[None, :] < blocks_per_row), (BLOCKS,))
+    block = tl.reshape(row[:, None] * blocks_per_row + in_row[None, :], (BLOCKS,))
+    index = block[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]  # (BLOCKS, BLOCK)
+    real = has_block[:, None] & (index < numel)
+    cols = blocks_per_row * BLOCK
+    group = cols if SCALE_GROUP == 0 else SCALE_GROUP
+    scale = tl.load(scales_ptr + index // group, mask=real, other=0.0)
     codes = tl.load(codes_ptr + index, mask=real, other=0).to(tl.int32)
     p = _float8_decode(codes, MANTISSA, BIAS) * scale
     g = tl.load(grad_ptr + index, mask=real, other=0.0)
@@ -301,11 +304,21 @@ def _adamw_float8_weight_kernel(
                           v_scales_ptr, n_blocks, M_BITS, V_BITS, BLOCK)
     x, m, v, denominator = _adamw_update(p, g, m, v, decay, lerp_weight, beta2, one_minus_beta2, eps,
                                          inverse_correction, neg_step_size)
-    # quantize_weight: absmax scales of the new values, per scale group
-    GROUPS: tl.constexpr = BLOCKS * BLOCK // SCALE_GROUP
-    absmax = tl.max(tl.reshape(tl.where(real, tl.abs(x), 0.0), (GROUPS, SCALE_GROUP)), axis=1)
-    new_scale = tl.div_rn(absmax, FORMAT_MAX)
-    expanded = tl.reshape(tl.broadcast_to(new_scale[:, None], (GROUPS, SCALE_GROUP)), (BLOCKS, BLOCK))
+    # quantize_weight: absmax scales of the new values, per row or per group of a row
+    magnitude = tl.where(real, tl.abs(x), 0.0)
+    if SCALE_GROUP == 0:
+        ROW: tl.constexpr = ROW_BLOCKS * BLOCK
+        new_scale = tl.div_rn(tl.max(tl.reshape(magnitude, (ROWS, ROW)), axis=1), FORMAT_MAX)
+        expanded = tl.reshape(tl.broadcast_to(new_scale[:, None], (ROWS, ROW)), (BLOCKS, BLOCK))
+        tl.store(scales_ptr + row, new_scale, mask=row < rows)
+    else:
+        PER_BLOCK: tl.constexpr = BLOCK // SCALE_GROUP
+        GROUPS: tl.constexpr = BLOCKS * PER_BLOCK
+        new_scale = tl.div_rn(tl.max(tl.reshape(magnitude, (GROUPS, SCALE_GROUP)), axis=1), FORMAT_MAX)
+        expanded = tl.reshape(tl.broadcast_to(new_scale[:, None], (GROUPS, SCALE_GROUP)), (BLOCKS, BLOCK))
+        group_index = tl.reshape(block[:, None] * PER_BLOCK + tl.arange(0, PER_BLOCK)[None, :], (GROUPS,))
+        group_real = tl.reshape(tl.broadcast_to(has_block[:, None], (BLOCKS, PER_BLOCK)), (GROUPS,))
+        tl.store(scales_ptr + group_index, new_scale, mask=group_real)
     y = tl.div_rn(x, tl.where(expanded > 0.0, expanded, 1.0))
     y = tl.where(y > FORMAT_MAX, FORMAT_MAX, tl.where(y < -FORMAT_MAX, -FORMAT_MAX, y))
     if WEIGHT_STOCHASTIC:
@@ -313,13 +326,11 @@ def _adamw_float8_weight_kernel(
     else:
         code = _float8_nearest(y, MANTISSA, BIAS)
     tl.store(codes_ptr + index, code.to(tl.uint8), mask=real)
-    group_index = tl.program_id(0) * GROUPS + tl.arange(0, GROUPS)
-    tl.store(scales_ptr + group_index, new_scale, mask=group_index < numel // SCALE_GROUP)
     if ECO:  # m += (eco_scale * denominator) * e, e = the new value less what was stored
         m = m + eco_scale * denominator * (x - _float8_decode(code, MANTISSA, BIAS) * expanded)
-    _encode_states(m, v, index, block, has_block, real, first_block, numel, m_codes_ptr, m_scales_ptr,
-                   mids_ptr, v_codes_ptr, v_scales_ptr, quantile, v_key, M_BITS, V_BITS, V_STOCHASTIC,
-                   BLOCK, BLOCKS, STEPS)
+    _encode_states(m, v, index, block, has_block, real, numel, m_codes_ptr, m_scales_ptr, mids_ptr,
+                   v_codes_ptr, v_scales_ptr, quantile, v_key, M_BITS, V_BITS, V_STOCHASTIC, BLOCK, BLOCKS,
+                   STEPS)
 
 
 def supported(m_format: StateFormat, v_format: StateFormat) -> bool:
@@ -357,12 +368,18 @@ def adamw_step(param: torch.Tensor, grad: torch.Tensor, state: dict, formats: di
     )
 
 
+def _scale_group(weight: QuantizedWeight) -> int:
+    """Elements per scale of a weight with row (0: a whole row) or group scales."""
+    return 0 if weight.format.granularity == "row" else weight.format.group_size
+
+
 def weight_supported(weight: QuantizedWeight, m_format: StateFormat, v_format: StateFormat) -> bool:
-    """Whether the float8 weight kernel steps ``weight``: float8 codes with row or group scales
-    whose groups hold a power-of-two number of elements, states that :func:`supported` covers."""
-    group = weight.shape[1] if weight.format.granularity == "row" else weight.format.group_size
+    """Whether the float8 weight kernel steps ``weight``: float8 codes with row scales, or group
+    scales of groups that divide a block; rows of whole blocks; states :func:`supported` covers."""
+    block_size, group = m_format.block_size, _scale_group(weight)
     return (weight.format.fmt in FLOAT8_LAYOUTS and weight.format.granularity in ("row", "group")
-            and group & (group - 1) == 0 and supported(m_format, v_format))
+            and weight.shape[1] % block_size == 0 and (group == 0 or block_size % group == 0)
+            and supported(m_format, v_format))
 
 
 def _launch_arguments(state: dict, formats: dict[str, StateFormat], scalars: dict, v_seed: int | None,
@@ -391,16 +408,16 @@ def adamw_float8_weight_step(weight: QuantizedWeight, grad: torch.Tensor, state:
     """One AdamW step of a float8 QuantizedWeight (see :func:`weight_supported`) updated without a
     master copy: ECO (``eco``) or naive; stochastic rounding where ``weight_seed`` is given."""
     mantissa, bias = FLOAT8_LAYOUTS[weight.format.fmt]
-    scale_group = weight.shape[1] if weight.format.granularity == "row" else weight.format.group_size
     block_size = formats["exp_avg"].block_size
-    blocks_per_program = max(GROUP, scale_group // block_size)
-    numel = weight.numel()
-    blocks = -(-numel // block_size)
+    rows, blocks_per_row = weight.shape[0], weight.shape[1] // block_size
+    row_blocks = triton.next_power_of_2(blocks_per_row)
+    rows_per_program = max(1, GROUP // row_blocks)
     tensors, scalar_values, constants = _launch_arguments(state, formats, scalars, v_seed, weight.device)
-    _adamw_float8_weight_kernel[(triton.cdiv(blocks, blocks_per_program),)](
-        weight.codes.view(torch.uint8), weight.scales, grad, *tensors, numel, blocks, *scalar_values,
-        0 if weight_seed is None else noise_key(weight_seed), scalars["eco_scale"],
-        MAXIMIZE=maximize, BLOCKS=blocks_per_program, SCALE_GROUP=scale_group, MANTISSA=mantissa,
-        BIAS=bias, FORMAT_MAX=format_max(weight.format.fmt), WEIGHT_STOCHASTIC=weight_seed is not None,
-        ECO=eco, **constants,
+    _adamw_float8_weight_kernel[(triton.cdiv(rows, rows_per_program),)](
+        weight.codes.view(torch.uint8), weight.scales, grad, *tensors, rows, blocks_per_row, weight.numel(),
+        rows * blocks_per_row, *scalar_values, 0 if weight_seed is None else noise_key(weight_seed),
+        scalars["eco_scale"], MAXIMIZE=maximize, ROWS=rows_per_program, ROW_BLOCKS=row_blocks,
+        SCALE_GROUP=_scale_group(weight), MANTISSA=mantissa, BIAS=bias,
+        FORMAT_MAX=format_max(weight.format.fmt), WEIGHT_STOCHASTIC=weight_seed is not None, ECO=eco,
+        **constants,
     )
