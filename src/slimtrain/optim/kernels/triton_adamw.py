@@ -12,6 +12,8 @@ only where Triton is installed (CUDA builds of torch bring it).
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -274,25 +276,22 @@ def _float8_stochastic(y, noise, MANTISSA: tl.constexpr, BIAS: tl.constexpr, FOR
 @triton.jit(do_not_specialize=["v_key", "weight_key"])
 def _adamw_float8_weight_kernel(
     codes_ptr, scales_ptr, grad_ptr, m_codes_ptr, m_scales_ptr, levels_ptr, mids_ptr, v_codes_ptr,
-    v_scales_ptr, rows, blocks_per_row, numel, n_blocks, decay, lerp_weight, beta2, one_minus_beta2, eps,
-    inverse_correction, neg_step_size, quantile, v_key, weight_key, eco_scale,
+    v_scales_ptr, rows, cols, blocks_per_program, numel, n_blocks, decay, lerp_weight,
+    beta2, one_minus_beta2, eps, inverse_correction, neg_step_size, quantile, v_key, weight_key, eco_scale,
     MAXIMIZE: tl.constexpr, M_BITS: tl.constexpr, V_BITS: tl.constexpr, V_STOCHASTIC: tl.constexpr,
-    BLOCK: tl.constexpr, ROWS: tl.constexpr, ROW_BLOCKS: tl.constexpr, SCALE_GROUP: tl.constexpr,
+    BLOCK: tl.constexpr, BLOCKS: tl.constexpr, ROWS: tl.constexpr, SCALE_GROUP: tl.constexpr,
     STEPS: tl.constexpr, MANTISSA: tl.constexpr, BIAS: tl.constexpr, FORMAT_MAX: tl.constexpr,
     WEIGHT_STOCHASTIC: tl.constexpr, ECO: tl.constexpr,
 ):
-    """The step of ROWS rows of a float8 weight whose rows hold ``blocks_per_row`` whole blocks
-    (ROW_BLOCKS of them, the rest masked), without a master copy: decode, update, re-quantize with
-    new absmax scales per row (SCALE_GROUP 0) or per group of SCALE_GROUP elements of a row,
-    nearest or stochastic, feed the rounding error into m (ECO) or drop it, encode m and v."""
-    BLOCKS: tl.constexpr = ROWS * ROW_BLOCKS
-    row = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    in_row = tl.arange(0, ROW_BLOCKS)
-    has_block = tl.reshape((row[:, None] < rows) & (in_row[None, :] < blocks_per_row), (BLOCKS,))
-    block = tl.reshape(row[:, None] * blocks_per_row + in_row[None, :], (BLOCKS,))
+    """The step of ROWS rows of a float8 weight (with row scales; whole groups with group scales)
+    that are ``blocks_per_program`` (at most BLOCKS) whole blocks, without a master copy: decode, update,
+    re-quantize with new absmax scales per row (SCALE_GROUP 0) or per group of SCALE_GROUP elements
+    (a divisor of BLOCK), nearest or stochastic, feed the rounding error into m (ECO) or drop it,
+    encode m and v."""
+    block = tl.program_id(0) * blocks_per_program + tl.arange(0, BLOCKS)
+    has_block = (tl.arange(0, BLOCKS) < blocks_per_program) & (block < n_blocks)
     index = block[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]  # (BLOCKS, BLOCK)
     real = has_block[:, None] & (index < numel)
-    cols = blocks_per_row * BLOCK
     group = cols if SCALE_GROUP == 0 else SCALE_GROUP
     scale = tl.load(scales_ptr + index // group, mask=real, other=0.0)
     codes = tl.load(codes_ptr + index, mask=real, other=0).to(tl.int32)
@@ -306,12 +305,17 @@ def _adamw_float8_weight_kernel(
                                          inverse_correction, neg_step_size)
     # quantize_weight: absmax scales of the new values, per row or per group of a row
     magnitude = tl.where(real, tl.abs(x), 0.0)
-    if SCALE_GROUP == 0:
-        ROW: tl.constexpr = ROW_BLOCKS * BLOCK
-        new_scale = tl.div_rn(tl.max(tl.reshape(magnitude, (ROWS, ROW)), axis=1), FORMAT_MAX)
-        expanded = tl.reshape(tl.broadcast_to(new_scale[:, None], (ROWS, ROW)), (BLOCKS, BLOCK))
-        tl.store(scales_ptr + row, new_scale, mask=row < rows)
-    else:
+    if SCALE_GROUP == 0:  # rows may straddle blocks: one masked maximum per row
+        first_row = tl.program_id(0) * ROWS
+        row_in_program = index // cols - first_row
+        expanded = tl.zeros((BLOCKS, BLOCK), dtype=tl.float32)
+        for r in tl.static_range(ROWS):
+            in_row = row_in_program == r
+            absmax = tl.max(tl.max(tl.where(in_row, magnitude, 0.0), axis=1), axis=0)
+            new_scale = tl.div_rn(absmax, FORMAT_MAX)
+            expanded = tl.where(in_row, new_scale, expanded)
+            tl.store(scales_ptr + first_row + r, new_scale, mask=first_row + r < rows)
+    else:  # groups lie within blocks
         PER_BLOCK: tl.constexpr = BLOCK // SCALE_GROUP
         GROUPS: tl.constexpr = BLOCKS * PER_BLOCK
         new_scale = tl.div_rn(tl.max(tl.reshape(magnitude, (GROUPS, SCALE_GROUP)), axis=1), FORMAT_MAX)
@@ -373,12 +377,25 @@ def _scale_group(weight: QuantizedWeight) -> int:
     return 0 if weight.format.granularity == "row" else weight.format.group_size
 
 
+MOST_ROWS_PER_PROGRAM = 32  # each row of a program costs a masked maximum over the program's elements
+
+
+def _program_layout(shape: torch.Size, block_size: int) -> tuple[int, int]:
+    """(blocks, rows) per program for a (rows, cols) weight: whole units of lcm(cols, block_size)
+    elements (whole rows and whole blocks), about GROUP blocks."""
+    unit = math.lcm(shape[1], block_size)
+    units = max(1, GROUP // (unit // block_size))
+    return units * unit // block_size, units * unit // shape[1]
+
+
 def weight_supported(weight: QuantizedWeight, m_format: StateFormat, v_format: StateFormat) -> bool:
-    """Whether the float8 weight kernel steps ``weight``: float8 codes with row scales, or group
-    scales of groups that divide a block; rows of whole blocks; states :func:`supported` covers."""
+    """Whether the float8 weight kernel steps ``weight``: float8 codes with row scales (at most
+    MOST_ROWS_PER_PROGRAM rows per program), or group scales whose groups divide a block; states
+    that :func:`supported` covers."""
     block_size, group = m_format.block_size, _scale_group(weight)
     return (weight.format.fmt in FLOAT8_LAYOUTS and weight.format.granularity in ("row", "group")
-            and weight.shape[1] % block_size == 0 and (group == 0 or block_size % group == 0)
+            and (block_size % group == 0 if group else
+                 _program_layout(weight.shape, block_size)[1] <= MOST_ROWS_PER_PROGRAM)
             and supported(m_format, v_format))
 
 
@@ -409,15 +426,16 @@ def adamw_float8_weight_step(weight: QuantizedWeight, grad: torch.Tensor, state:
     master copy: ECO (``eco``) or naive; stochastic rounding where ``weight_seed`` is given."""
     mantissa, bias = FLOAT8_LAYOUTS[weight.format.fmt]
     block_size = formats["exp_avg"].block_size
-    rows, blocks_per_row = weight.shape[0], weight.shape[1] // block_size
-    row_blocks = triton.next_power_of_2(blocks_per_row)
-    rows_per_program = max(1, GROUP // row_blocks)
+    rows, cols = weight.shape
+    blocks_per_program, rows_per_program = _program_layout(weight.shape, block_size)
+    numel = weight.numel()
+    blocks = -(-numel // block_size)
     tensors, scalar_values, constants = _launch_arguments(state, formats, scalars, v_seed, weight.device)
-    _adamw_float8_weight_kernel[(triton.cdiv(rows, rows_per_program),)](
-        weight.codes.view(torch.uint8), weight.scales, grad, *tensors, rows, blocks_per_row, weight.numel(),
-        rows * blocks_per_row, *scalar_values, 0 if weight_seed is None else noise_key(weight_seed),
-        scalars["eco_scale"], MAXIMIZE=maximize, ROWS=rows_per_program, ROW_BLOCKS=row_blocks,
-        SCALE_GROUP=_scale_group(weight), MANTISSA=mantissa, BIAS=bias,
-        FORMAT_MAX=format_max(weight.format.fmt), WEIGHT_STOCHASTIC=weight_seed is not None, ECO=eco,
-        **constants,
+    _adamw_float8_weight_kernel[(triton.cdiv(blocks, blocks_per_program),)](
+        weight.codes.view(torch.uint8), weight.scales, grad, *tensors, rows, cols, blocks_per_program,
+        numel, blocks, *scalar_values, 0 if weight_seed is None else noise_key(weight_seed),
+        scalars["eco_scale"], MAXIMIZE=maximize, BLOCKS=triton.next_power_of_2(blocks_per_program),
+        ROWS=rows_per_program if _scale_group(weight) == 0 else 1, SCALE_GROUP=_scale_group(weight),
+        MANTISSA=mantissa, BIAS=bias, FORMAT_MAX=format_max(weight.format.fmt),
+        WEIGHT_STOCHASTIC=weight_seed is not None, ECO=eco, **constants,
     )
