@@ -83,3 +83,22 @@ def test_triton_kernel_gives_the_eager_cuda_bits(monkeypatch, options):
     assert torch.equal(fused_param, eager_param)
     for key in fused_state:
         assert torch.equal(fused_state[key], eager_state[key]), key
+
+
+@pytest.mark.parametrize("options", [dict(state_bits=(4, 2), rounding="stochastic"),
+                                     dict(state_bits=(4, 2), rounding="nearest", weight_update="naive")],
+                         ids=str)
+def test_triton_weight_kernel_gives_the_eager_cuda_bits(monkeypatch, options):
+    """The slim recipe's float8 weight step in the Triton kernel against eager CUDA ops."""
+    pytest.importorskip("triton")
+    from slimtrain.optim.kernels import triton_adamw
+
+    calls, original = [], triton_adamw.adamw_float8_weight_step
+    monkeypatch.setattr(triton_adamw, "adamw_float8_weight_step", lambda *a: calls.append(1) or original(*a))
+    fused_weight, fused_state = run_weight(True, (96, 384), device="cuda", **options)
+    assert calls, "the Triton kernel did not run"
+    eager_weight, eager_state = run_weight(False, (96, 384), device="cuda", **options)
+    assert torch.equal(fused_weight.codes.view(torch.uint8), eager_weight.codes.view(torch.uint8))
+    assert torch.equal(fused_weight.scales, eager_weight.scales)
+    for key in fused_state:
+        assert torch.equal(fused_state[key], eager_state[key]), key
