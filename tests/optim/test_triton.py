@@ -16,8 +16,8 @@ from tests.optim.test_kernels import run
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.parametrize("case", ["configurations", "special_values", "weights", "elementary_functions",
-                                  "uncovered"])
+@pytest.mark.parametrize("case", ["configurations", "special_values", "random_gradients", "weights",
+                                  "elementary_functions", "uncovered"])
 def test_triton_kernel_gives_the_eager_bits(case):
     pytest.importorskip("triton")
     result = subprocess.run([sys.executable, "-m", "tests.optim.triton_cases", case], cwd=ROOT,

@@ -77,6 +77,32 @@ def special_values() -> None:
     assert_same(*results, "special values")
 
 
+def random_gradients() -> None:
+    """Random lengths, block sizes and state bits; gradients mixing zeros, subnormals, ordinary
+    values and values whose squares overflow float32."""
+    generator = torch.Generator().manual_seed(7)
+    kinds = torch.tensor([0.0, 1e-40, 1.0, 2.0**70])
+    for case in range(16):
+        numel = int(torch.randint(1, 700, (), generator=generator))
+        block = (8, 16, 32, 128)[case % 4]
+        bits = ((4, 2), (2, 2), (2, 4), (4, 4))[case // 4]
+        grads = [kinds[torch.randint(0, 4, (numel,), generator=generator)]
+                 * torch.randn(numel, generator=generator) for _ in range(2)]
+        results = []
+        CALLS.clear()
+        for fused in (True, False):
+            param = torch.nn.Parameter(torch.linspace(-1, 1, numel))
+            opt = st.AdamW([param], lr=1e-2, compile=fused, min_quantized_numel=0, state_bits=bits,
+                           block_size=block, seed=case)
+            for grad in grads:
+                param.grad = grad.clone()
+                opt.step()
+            results.append((param.detach().clone(), opt.state[param]))
+        what = f"case {case}: {numel} elements, blocks of {block}, bits {bits}"
+        assert len(CALLS) == 2, what
+        assert_same(*results, what)
+
+
 def weights() -> None:
     """Float8 weights (row and group scales, ECO and naive, nearest and stochastic rounding)."""
     for shape, options in WEIGHT_CONFIGURATIONS:
@@ -143,6 +169,7 @@ def uncovered() -> None:
 
 
 if __name__ == "__main__":
-    cases = {"configurations": configurations, "special_values": special_values, "weights": weights,
+    cases = {"configurations": configurations, "special_values": special_values,
+             "random_gradients": random_gradients, "weights": weights,
              "elementary_functions": elementary_functions, "uncovered": uncovered}
     cases[sys.argv[1]]()
