@@ -3,7 +3,8 @@
 # time limit so that one slow or failing part leaves the others' results:
 #   1. `slimtrain bench --device cuda` (issue 6's ratios against torch's fused AdamW on CUDA), and
 #      against solow when ./.whl/solo holds its wheel and torchao 0.10.0's,
-#   2. the tests that need CUDA (tests/optim/test_cuda.py: Triton and eager CUDA steps, CUDA and CPU
+#   2. the tests that need CUDA (tests/optim/test_cuda.py: the hand-written Triton kernels against
+#      eager CUDA bit for bit, compiled (Triton) and eager CUDA steps, CUDA and CPU
 #      steps agree to rounding),
 #   3. `slimtrain train --device cuda` tokens/s of adamw and slim on the medium GPT,
 #   4. LoRDO and DDP runs under torchrun on NCCL (one rank: one GPU).
@@ -23,18 +24,21 @@ cd "$root"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 
+# torch's and the peers' warnings are left out; slimtrain's RuntimeWarnings (a Triton kernel that
+# failed to compile) are kept, and the bench's last line says how many steps the Triton kernels took
+noise="UserWarning|FutureWarning|DeprecationWarning|warn_once"
 echo "== 1. bench"
 # 10 timed pairs: since the fifth session each timed step follows an untimed one of its own (about
 # the time 20 steps took before)
 timeout 210 python3 -m slimtrain bench --device cuda --sizes 16M 64M --steps 10 --warmup 3 \
-    --json "$out/bench_cuda.json" 2>&1 | grep -v Warning | tee "$out/bench_cuda.txt"
+    --json "$out/bench_cuda.json" 2>&1 | grep -v -E "$noise" | tee "$out/bench_cuda.txt"
 echo "== 1b. solow (the SOLO authors' package: CUDA only, and it needs torchao 0.10's prototype module)"
 if compgen -G "$root/.whl/solo/*.whl" > /dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target /tmp/solo "$root"/.whl/solo/*.whl
     PYTHONPATH="/tmp/solo:$PYTHONPATH" timeout 90 python3 -m slimtrain bench --device cuda --sizes 16M \
         --steps 10 --warmup 3 --only "solow" "st.AdamW (4, 2)" --json "$out/bench_cuda_solow.json" 2>&1 \
-        | grep -v Warning | tee "$out/bench_cuda_solow.txt"
+        | grep -v -E "$noise" | tee "$out/bench_cuda_solow.txt"
 fi
 echo "== 2. tests"
 timeout 90 python3 -m pytest -p no:cacheprovider -rfs --tb=short tests/optim/test_cuda.py \

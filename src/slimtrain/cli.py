@@ -18,6 +18,7 @@ import torch
 
 import slimtrain as st
 from slimtrain.distributed import launch
+from slimtrain.optim import kernels
 from slimtrain.train.bench import BENCH_HEADER, VERSUS, configurations, format_row, run_bench, speedups
 from slimtrain.train.compare import DEFAULT_COMPARE_RECIPES, compare
 from slimtrain.train.models import GPT_SIZES
@@ -235,8 +236,12 @@ def _bench(args: argparse.Namespace) -> int:
                        progress=lambda row: print(format_row(row), flush=True), device=device,
                        also=(args.versus,) if args.versus else ())  # a named peer runs whatever --only says
     compiled = report["kernel_compile_seconds"]
-    kernel_note = "" if device != "cpu" else "; C kernels " + (
-        f"compiled in {compiled:.1f} s (once per machine)" if compiled else "loaded from the cache")
+    if device == "cpu":
+        kernel_note = "; C kernels " + (
+            f"compiled in {compiled:.1f} s (once per machine)" if compiled else "loaded from the cache")
+    else:
+        report["triton_kernels"] = kernels.triton_status()
+        kernel_note = f"; Triton kernels {report['triton_kernels']}"
     for name, reason in report["failed_peers"].items():
         print(f"{name}: failed on this machine, left out ({reason})")
     report["speedups"] = dict(versus=versus, rows=speedups(report["results"], versus))

@@ -44,8 +44,12 @@ class FailingKernels:
 def test_a_failing_triton_kernel_warns_once_and_the_step_takes_the_other_paths(monkeypatch):
     monkeypatch.setattr(kernels, "TRITON_DEVICES", {"cpu"})
     monkeypatch.setattr(kernels, "_triton", FailingKernels)
+    monkeypatch.setattr(kernels, "triton_failure", None)
+    monkeypatch.setattr(kernels, "triton_steps", 0)
     with pytest.warns(RuntimeWarning, match="Triton kernel failed .*PTX assembly failed"):
         fused = run(True, (4097,), steps=3, state_bits=(4, 2))
     assert FailingKernels.calls == 1 and kernels.triton_kernels() is None
+    assert kernels.triton_status() == ("failed after 0 steps (RuntimeError: PTX assembly failed); "
+                                       "torch.compile took their steps")
     eager = run(False, (4097,), steps=3, state_bits=(4, 2))
     assert torch.equal(fused[0], eager[0])  # the C kernel took every step: the eager bits

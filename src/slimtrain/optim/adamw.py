@@ -207,6 +207,7 @@ class AdamW(LowBitOptimizer):
         except Exception as error:  # compiling or launching it: before it wrote anything
             kernels.disable_triton(error)
             return False
+        kernels.triton_steps += 1
         return True
 
     def _scalars(

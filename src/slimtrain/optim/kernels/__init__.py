@@ -112,6 +112,8 @@ def cpu_kernels() -> ctypes.CDLL | None:
 
 TRITON_DEVICES = {"cuda"}  # where the Triton kernels run (tests add "cpu" under Triton's interpreter)
 _triton: Any = None  # the Triton kernels' module once imported; False where unusable
+triton_failure: str | None = None  # why the Triton kernels were turned off
+triton_steps = 0  # steps the Triton kernels took in this process
 
 
 def triton_kernels() -> Any:
@@ -129,10 +131,20 @@ def triton_kernels() -> Any:
 
 def disable_triton(error: Exception) -> None:
     """Stop using the Triton kernels, with one warning: one failed to compile or launch."""
-    global _triton
-    _triton = False
-    warnings.warn(f"slimtrain's Triton kernel failed ({type(error).__name__}: {error}); the steps it "
-                  "covered go through torch.compile from now on", RuntimeWarning, stacklevel=4)
+    global _triton, triton_failure
+    _triton, triton_failure = False, f"{type(error).__name__}: {error}"
+    warnings.warn(f"slimtrain's Triton kernel failed ({triton_failure}); the steps it covered go "
+                  "through torch.compile from now on", RuntimeWarning, stacklevel=4)
+
+
+def triton_status() -> str:
+    """What the Triton kernels did in this process, for reports: took N steps, failed (why), or
+    are not installed."""
+    if triton_failure is not None:
+        return f"failed after {triton_steps} steps ({triton_failure}); torch.compile took their steps"
+    if triton_kernels() is None:
+        return "not installed (torch.compile takes their steps)"
+    return f"took {triton_steps} steps"
 
 
 KIND_FLOAT, KIND_CODEBOOK, KIND_LOG = 0, 1, 2
