@@ -1,13 +1,15 @@
-"""One fused AdamW step in Triton (CUDA), for a float32 parameter whose first moment is stored in
-2- or 4-bit codebook codes with an absmax scale per block and whose second moment is stored on
-2- or 4-bit logarithmic levels (SOLO): decode, update, encode in one pass, one program per
-GROUP blocks, each block's reductions (absmax, maximum, the quantile bisection) in registers.
+"""Fused AdamW steps in Triton (CUDA) for states with m in 2- or 4-bit codebook codes (an absmax
+scale per block, rounded to nearest) and v on 2- or 4-bit logarithmic levels (SOLO): of a float32
+parameter (one program per GROUP blocks), and of a float8 weight updated without a master copy
+(ECO or naive; one program per whole rows and whole blocks, new row or group scales included).
+Decode, update, encode in one pass; each block's reductions (absmax, maximum, the quantile
+bisection) stay in registers.
 
 Every operation mirrors, in order and in float32, the eager torch code of slimtrain.quant and
 slimtrain.optim.functional (as the C kernel of adamw_cpu.c does): launched without fused
-multiply-adds and with correctly rounded division and square root, it gives the eager step's
-bits. Tests run it on the CPU through Triton's interpreter (``TRITON_INTERPRET=1``). Imported
-only where Triton is installed (CUDA builds of torch bring it).
+multiply-adds and with correctly rounded division and square root, the kernels give the eager
+step's bits. Tests run them on the CPU through Triton's interpreter (``TRITON_INTERPRET=1``).
+Imported only where Triton is installed (CUDA builds of torch bring it).
 """
 
 from __future__ import annotations
