@@ -39,6 +39,8 @@ WEIGHT_CONFIGURATIONS = [  # (shape, options): float8 weights updated without a 
     ((2, 2048), dict(state_bits=(4, 2), rounding="stochastic")),  # a row of 16 blocks
     ((11, 192), dict(state_bits=(4, 2), rounding="stochastic")),  # rows straddle blocks (small GPT)
     ((9, 40), dict(state_bits=(2, 4), rounding="nearest", weight_update="naive")),  # 16 rows a unit
+    ((48, 128), dict(state_bits=(32, 32), rounding="stochastic")),  # eco-sr: float32 states
+    ((11, 192), dict(state_bits=(32, 32), rounding="nearest", weight_update="naive", maximize=True)),
 ]
 UNCOVERED = [dict(state_bits=(3, 2)), dict(state_bits=(8, 8)),
              dict(state_bits=(4, 2), state_rounding="stochastic"), dict(state_bits=(4, 2), block_size=48),

@@ -283,13 +283,14 @@ def _adamw_float8_weight_kernel(
     MAXIMIZE: tl.constexpr, M_BITS: tl.constexpr, V_BITS: tl.constexpr, V_STOCHASTIC: tl.constexpr,
     BLOCK: tl.constexpr, BLOCKS: tl.constexpr, ROWS: tl.constexpr, SCALE_GROUP: tl.constexpr,
     STEPS: tl.constexpr, MANTISSA: tl.constexpr, BIAS: tl.constexpr, FORMAT_MAX: tl.constexpr,
-    WEIGHT_STOCHASTIC: tl.constexpr, ECO: tl.constexpr,
+    WEIGHT_STOCHASTIC: tl.constexpr, ECO: tl.constexpr, FLOAT_STATES: tl.constexpr,
 ):
     """The step of ROWS rows of a float8 weight (with row scales; whole groups with group scales)
     that are ``blocks_per_program`` (at most BLOCKS) whole blocks, without a master copy: decode, update,
     re-quantize with new absmax scales per row (SCALE_GROUP 0) or per group of SCALE_GROUP elements
     (a divisor of BLOCK), nearest or stochastic, feed the rounding error into m (ECO) or drop it,
-    encode m and v."""
+    encode m and v (FLOAT_STATES: m and v are float32 tensors at m_codes_ptr and v_codes_ptr, read
+    and written as they are)."""
     block = tl.program_id(0) * blocks_per_program + tl.arange(0, BLOCKS)
     has_block = (tl.arange(0, BLOCKS) < blocks_per_program) & (block < n_blocks)
     index = block[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]  # (BLOCKS, BLOCK)
@@ -301,8 +302,12 @@ def _adamw_float8_weight_kernel(
     g = tl.load(grad_ptr + index, mask=real, other=0.0)
     if MAXIMIZE:
         g = -g
-    m, v = _decode_states(index, block, has_block, m_codes_ptr, m_scales_ptr, levels_ptr, v_codes_ptr,
-                          v_scales_ptr, n_blocks, M_BITS, V_BITS, BLOCK)
+    if FLOAT_STATES:
+        m = tl.load(m_codes_ptr + index, mask=real, other=0.0)
+        v = tl.load(v_codes_ptr + index, mask=real, other=0.0)
+    else:
+        m, v = _decode_states(index, block, has_block, m_codes_ptr, m_scales_ptr, levels_ptr, v_codes_ptr,
+                              v_scales_ptr, n_blocks, M_BITS, V_BITS, BLOCK)
     x, m, v, denominator = _adamw_update(p, g, m, v, decay, lerp_weight, beta2, one_minus_beta2, eps,
                                          inverse_correction, neg_step_size)
     # quantize_weight: absmax scales of the new values, per row or per group of a row
@@ -334,9 +339,13 @@ def _adamw_float8_weight_kernel(
     tl.store(codes_ptr + index, code.to(tl.uint8), mask=real)
     if ECO:  # m += (eco_scale * denominator) * e, e = the new value less what was stored
         m = m + eco_scale * denominator * (x - _float8_decode(code, MANTISSA, BIAS) * expanded)
-    _encode_states(m, v, index, block, has_block, real, numel, m_codes_ptr, m_scales_ptr, mids_ptr,
-                   v_codes_ptr, v_scales_ptr, quantile, v_key, M_BITS, V_BITS, V_STOCHASTIC, BLOCK, BLOCKS,
-                   STEPS)
+    if FLOAT_STATES:
+        tl.store(m_codes_ptr + index, m, mask=real)
+        tl.store(v_codes_ptr + index, v, mask=real)
+    else:
+        _encode_states(m, v, index, block, has_block, real, numel, m_codes_ptr, m_scales_ptr, mids_ptr,
+                       v_codes_ptr, v_scales_ptr, quantile, v_key, M_BITS, V_BITS, V_STOCHASTIC, BLOCK,
+                       BLOCKS, STEPS)
 
 
 def supported(m_format: StateFormat, v_format: StateFormat) -> bool:
@@ -390,27 +399,36 @@ def _program_layout(shape: torch.Size, block_size: int) -> tuple[int, int]:
     return units * unit // block_size, units * unit // shape[1]
 
 
+def _float_states(m_format: StateFormat, v_format: StateFormat) -> bool:
+    return m_format.bits == v_format.bits == 32
+
+
 def weight_supported(weight: QuantizedWeight, m_format: StateFormat, v_format: StateFormat) -> bool:
     """Whether the float8 weight kernel steps ``weight``: float8 codes with row scales (at most
-    MOST_ROWS_PER_PROGRAM rows per program), or group scales whose groups divide a block; states
-    that :func:`supported` covers."""
+    MOST_ROWS_PER_PROGRAM rows per program), or group scales whose groups divide a block; float32
+    states, or states that :func:`supported` covers."""
     block_size, group = m_format.block_size, _scale_group(weight)
     return (weight.format.fmt in FLOAT8_LAYOUTS and weight.format.granularity in ("row", "group")
             and (block_size % group == 0 if group else
                  _program_layout(weight.shape, block_size)[1] <= MOST_ROWS_PER_PROGRAM)
-            and supported(m_format, v_format))
+            and (_float_states(m_format, v_format) or supported(m_format, v_format)))
 
 
 def _launch_arguments(state: dict, formats: dict[str, StateFormat], scalars: dict, v_seed: int | None,
                       device: torch.device) -> tuple[list, list, dict]:
-    """What both kernels take: the states' tensors, the scalars, the constants."""
+    """What both kernels take: the states' tensors (float32 states: m, v and m again where the
+    kernels take no tensor), the scalars, the constants."""
     m_format, v_format = formats["exp_avg"], formats["exp_avg_sq"]
-    levels, mids = _levels_and_mids(m_format, device)
-    stochastic = v_format.stochastic and v_seed is not None
-    tensors = [
-        state["exp_avg_codes"], state["exp_avg_scales"], levels, mids, state["exp_avg_sq_codes"],
-        state["exp_avg_sq_scales"],
-    ]
+    stochastic = v_format.quantized and v_format.stochastic and v_seed is not None
+    if _float_states(m_format, v_format):
+        m, v = state["exp_avg"], state["exp_avg_sq"]
+        tensors = [m, m, m, m, v, m]
+    else:
+        levels, mids = _levels_and_mids(m_format, device)
+        tensors = [
+            state["exp_avg_codes"], state["exp_avg_scales"], levels, mids, state["exp_avg_sq_codes"],
+            state["exp_avg_sq_scales"],
+        ]
     scalar_values = [
         scalars["decay"], 1 - scalars["beta1"], scalars["beta2"], 1 - scalars["beta2"], scalars["eps"],
         1 / scalars["bias_correction2_sqrt"], -scalars["step_size"], v_format.quantile,
@@ -439,5 +457,6 @@ def adamw_float8_weight_step(weight: QuantizedWeight, grad: torch.Tensor, state:
         scalars["eco_scale"], MAXIMIZE=maximize, BLOCKS=triton.next_power_of_2(blocks_per_program),
         ROWS=rows_per_program if _scale_group(weight) == 0 else 1, SCALE_GROUP=_scale_group(weight),
         MANTISSA=mantissa, BIAS=bias, FORMAT_MAX=format_max(weight.format.fmt),
-        WEIGHT_STOCHASTIC=weight_seed is not None, ECO=eco, **constants,
+        WEIGHT_STOCHASTIC=weight_seed is not None, ECO=eco,
+        FLOAT_STATES=_float_states(formats["exp_avg"], formats["exp_avg_sq"]), **constants,
     )
