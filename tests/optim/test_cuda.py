@@ -93,8 +93,8 @@ def test_triton_weight_kernel_gives_the_eager_cuda_bits(monkeypatch, options):
     pytest.importorskip("triton")
     from slimtrain.optim.kernels import triton_adamw
 
-    calls, original = [], triton_adamw.adamw_float8_weight_step
-    monkeypatch.setattr(triton_adamw, "adamw_float8_weight_step", lambda *a: calls.append(1) or original(*a))
+    calls, original = [], triton_adamw.adamw_weight_step
+    monkeypatch.setattr(triton_adamw, "adamw_weight_step", lambda *a: calls.append(1) or original(*a))
     fused_weight, fused_state = run_weight(True, (96, 384), device="cuda", **options)
     assert calls, "the Triton kernel did not run"
     eager_weight, eager_state = run_weight(False, (96, 384), device="cuda", **options)

@@ -18,9 +18,9 @@ from tests.optim.test_kernels import assert_same_floats, elementary_inputs, floa
 
 CALLS: list[int] = []
 kernels.TRITON_DEVICES = {"cpu"}
-_original_step, _original_weight_step = triton_adamw.adamw_step, triton_adamw.adamw_float8_weight_step
+_original_step, _original_weight_step = triton_adamw.adamw_step, triton_adamw.adamw_weight_step
 triton_adamw.adamw_step = lambda *a: CALLS.append(1) or _original_step(*a)
-triton_adamw.adamw_float8_weight_step = lambda *a: CALLS.append(1) or _original_weight_step(*a)
+triton_adamw.adamw_weight_step = lambda *a: CALLS.append(1) or _original_weight_step(*a)
 
 CONFIGURATIONS = [
     dict(state_bits=(4, 2)),
@@ -41,6 +41,10 @@ WEIGHT_CONFIGURATIONS = [  # (shape, options): float8 weights updated without a 
     ((9, 40), dict(state_bits=(2, 4), rounding="nearest", weight_update="naive")),  # 16 rows a unit
     ((48, 128), dict(state_bits=(32, 32), rounding="stochastic")),  # eco-sr: float32 states
     ((11, 192), dict(state_bits=(32, 32), rounding="nearest", weight_update="naive", maximize=True)),
+    ((48, 128), dict(fmt="int8", state_bits=(4, 2), rounding="stochastic")),
+    ((11, 192), dict(fmt="int4", granularity="group", group_size=32, state_bits=(4, 2),
+                     rounding="stochastic")),  # the int4-eco recipe
+    ((7, 200), dict(fmt="int4", state_bits=(2, 2), rounding="nearest", block_size=16)),  # row scales
 ]
 UNCOVERED = [dict(state_bits=(3, 2)), dict(state_bits=(8, 8)),
              dict(state_bits=(4, 2), state_rounding="stochastic"), dict(state_bits=(4, 2), block_size=48),
@@ -106,14 +110,15 @@ def random_gradients() -> None:
 
 
 def weights() -> None:
-    """Float8 weights (row and group scales, ECO and naive, nearest and stochastic rounding)."""
+    """Float8, int8 and int4 weights (row and group scales, ECO and naive, nearest and stochastic
+    rounding, quantized and float32 states)."""
     for shape, options in WEIGHT_CONFIGURATIONS:
         CALLS.clear()
         fused = run_weight(True, shape, steps=3, **options)
         assert len(CALLS) == 3, f"{options}: {len(CALLS)} Triton steps of 3"
         eager = run_weight(False, shape, steps=3, **options)
         assert torch.equal(fused[0].codes.view(torch.uint8), eager[0].codes.view(torch.uint8)), \
-            f"{options}: codes differ"
+            f"{shape} {options}: codes differ"
         assert torch.equal(fused[0].scales, eager[0].scales), f"{options}: scales differ"
         for key in fused[1]:
             assert torch.equal(fused[1][key], eager[1][key]), f"{options}: {key} differs"
@@ -162,7 +167,8 @@ def uncovered() -> None:
         fused = run(True, (4097,), steps=2, **options)
         assert not CALLS, f"{options}: stepped by the Triton kernel"
         assert_same(fused, run(False, (4097,), steps=2, **options), str(options))
-    for fmt, shape, options in [("int8", (48, 128), {}), ("fp8_e4m3", (48, 33), {}),
+    for fmt, shape, options in [("int4", (48, 33 * 2), dict(granularity="group", group_size=33 * 2)),
+                                ("fp8_e4m3", (48, 33), {}),
                                 ("fp8_e4m3", (48, 128), dict(state_bits=(8, 3)))]:
         fused = run_weight(True, shape, fmt, steps=2, **options)
         assert not CALLS, f"{fmt} {shape} {options}: stepped by the Triton kernel"

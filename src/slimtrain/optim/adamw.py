@@ -194,7 +194,7 @@ class AdamW(LowBitOptimizer):
             if (weight_update not in ("eco", "naive")
                     or not module.weight_supported(param, m_format, v_format)):
                 return False
-            step = partial(module.adamw_float8_weight_step, param, param.grad, state, formats, scalars,
+            step = partial(module.adamw_weight_step, param, param.grad, state, formats, scalars,
                            seeds["exp_avg_sq"], weight_seed, weight_update == "eco", maximize)
         else:
             if (not plain_float32(param) or is_low_precision(param)

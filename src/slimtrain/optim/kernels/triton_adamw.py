@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from slimtrain.optim.kernels import FLOAT8_LAYOUTS
+from slimtrain.optim.kernels import FLOAT8_LAYOUTS, WEIGHT_KINDS
 from slimtrain.optim.state import StateFormat
 from slimtrain.quant.blockwise import QUANTILE_BISECTION_STEPS
 from slimtrain.quant.codebooks import codebook
@@ -109,15 +109,17 @@ def _unpack(codes_ptr, index, mask, BITS: tl.constexpr):
 
 
 @triton.jit
-def _pack_store(codes_ptr, codes, block, mask_blocks, BITS: tl.constexpr, BLOCK: tl.constexpr,
+def _pack_store(codes_ptr, codes, block, mask_blocks, byte_count, BITS: tl.constexpr, BLOCK: tl.constexpr,
                 BLOCKS: tl.constexpr):
-    """Store (BLOCKS, BLOCK) int32 codes of the blocks ``block`` packed as _unpack reads them."""
+    """Store (BLOCKS, BLOCK) int32 codes of the blocks ``block`` packed as _unpack reads them, into
+    the first ``byte_count`` bytes at codes_ptr."""
     PER: tl.constexpr = 8 // BITS
     shifts = (tl.arange(0, BLOCK) % PER) * BITS
     words = tl.reshape(codes << shifts[None, :], (BLOCKS, BLOCK // PER, PER))
     packed = tl.sum(words, axis=2)  # disjoint bits: the sum is the OR
     byte_index = block[:, None] * (BLOCK // PER) + tl.arange(0, BLOCK // PER)[None, :]
-    tl.store(codes_ptr + byte_index, packed.to(tl.uint8), mask=mask_blocks[:, None])
+    mask = mask_blocks[:, None] & (byte_index < byte_count)
+    tl.store(codes_ptr + byte_index, packed.to(tl.uint8), mask=mask)
 
 
 @triton.jit
@@ -151,7 +153,7 @@ def _adamw_update(p, g, m, v, decay, lerp_weight, beta2, one_minus_beta2, eps, i
 
 
 @triton.jit
-def _encode_states(m, v, index, block, has_block, real, numel, m_codes_ptr, m_scales_ptr,
+def _encode_states(m, v, index, block, has_block, real, numel, n_blocks, m_codes_ptr, m_scales_ptr,
                    mids_ptr, v_codes_ptr, v_scales_ptr, quantile, v_key, M_BITS: tl.constexpr,
                    V_BITS: tl.constexpr, V_STOCHASTIC: tl.constexpr, BLOCK: tl.constexpr,
                    BLOCKS: tl.constexpr, STEPS: tl.constexpr):
@@ -165,7 +167,8 @@ def _encode_states(m, v, index, block, has_block, real, numel, m_codes_ptr, m_sc
     m_code = tl.zeros((BLOCKS, BLOCK), dtype=tl.float32)  # the count of midpoints below y
     for j in tl.static_range((1 << M_BITS) - 1):
         m_code = m_code + (tl.load(mids_ptr + j) < y).to(tl.float32)
-    _pack_store(m_codes_ptr, m_code.to(tl.int32), block, has_block, M_BITS, BLOCK, BLOCKS)
+    _pack_store(m_codes_ptr, m_code.to(tl.int32), block, has_block, n_blocks * BLOCK * M_BITS // 8, M_BITS,
+                BLOCK, BLOCKS)
     tl.store(m_scales_ptr + block, absmax, mask=has_block)
     # v: x_p by bisection in log2, snapped to an element
     V_LAST: tl.constexpr = (1 << V_BITS) - 1
@@ -196,7 +199,8 @@ def _encode_states(m, v, index, block, has_block, real, numel, m_codes_ptr, m_sc
     v_code = tl.floor(exponent + offset)
     v_code = tl.where(v_code > 0.0, v_code, 0.0)  # NaN becomes 0, as in a uint8 conversion
     v_code = tl.where(v_code < V_LAST, v_code, V_LAST * 1.0)
-    _pack_store(v_codes_ptr, v_code.to(tl.int32), block, has_block, V_BITS, BLOCK, BLOCKS)
+    _pack_store(v_codes_ptr, v_code.to(tl.int32), block, has_block, n_blocks * BLOCK * V_BITS // 8, V_BITS,
+                BLOCK, BLOCKS)
     tl.store(v_scales_ptr + 2 * block, v_top, mask=has_block)
     tl.store(v_scales_ptr + 2 * block + 1, v_bottom, mask=has_block)
 
@@ -228,9 +232,9 @@ def _adamw_step_kernel(
     p, m, v, _ = _adamw_update(p, g, m, v, decay, lerp_weight, beta2, one_minus_beta2, eps,
                                inverse_correction, neg_step_size)
     tl.store(param_ptr + index, p, mask=real)
-    _encode_states(m, v, index, block, has_block, real, numel, m_codes_ptr, m_scales_ptr, mids_ptr,
-                   v_codes_ptr, v_scales_ptr, quantile, v_key, M_BITS, V_BITS, V_STOCHASTIC, BLOCK, GROUP,
-                   STEPS)
+    _encode_states(m, v, index, block, has_block, real, numel, n_blocks, m_codes_ptr, m_scales_ptr,
+                   mids_ptr, v_codes_ptr, v_scales_ptr, quantile, v_key, M_BITS, V_BITS, V_STOCHASTIC, BLOCK,
+                   GROUP, STEPS)
 
 
 @triton.jit
@@ -276,16 +280,17 @@ def _float8_stochastic(y, noise, MANTISSA: tl.constexpr, BIAS: tl.constexpr, FOR
 
 
 @triton.jit(do_not_specialize=["v_key", "weight_key"])
-def _adamw_float8_weight_kernel(
+def _adamw_weight_kernel(
     codes_ptr, scales_ptr, grad_ptr, m_codes_ptr, m_scales_ptr, levels_ptr, mids_ptr, v_codes_ptr,
     v_scales_ptr, rows, cols, blocks_per_program, numel, n_blocks, decay, lerp_weight,
     beta2, one_minus_beta2, eps, inverse_correction, neg_step_size, quantile, v_key, weight_key, eco_scale,
     MAXIMIZE: tl.constexpr, M_BITS: tl.constexpr, V_BITS: tl.constexpr, V_STOCHASTIC: tl.constexpr,
     BLOCK: tl.constexpr, BLOCKS: tl.constexpr, ROWS: tl.constexpr, SCALE_GROUP: tl.constexpr,
-    STEPS: tl.constexpr, MANTISSA: tl.constexpr, BIAS: tl.constexpr, FORMAT_MAX: tl.constexpr,
-    WEIGHT_STOCHASTIC: tl.constexpr, ECO: tl.constexpr, FLOAT_STATES: tl.constexpr,
+    STEPS: tl.constexpr, KIND: tl.constexpr, MANTISSA: tl.constexpr, BIAS: tl.constexpr,
+    FORMAT_MAX: tl.constexpr, WEIGHT_STOCHASTIC: tl.constexpr, ECO: tl.constexpr, FLOAT_STATES: tl.constexpr,
 ):
-    """The step of ROWS rows of a float8 weight (with row scales; whole groups with group scales)
+    """The step of ROWS rows of a weight of KIND codes (WEIGHT_FLOAT8 with MANTISSA and BIAS,
+    WEIGHT_INT8, or WEIGHT_INT4: value + 8, two per byte) (with row scales; whole groups with group scales)
     that are ``blocks_per_program`` (at most BLOCKS) whole blocks, without a master copy: decode, update,
     re-quantize with new absmax scales per row (SCALE_GROUP 0) or per group of SCALE_GROUP elements
     (a divisor of BLOCK), nearest or stochastic, feed the rounding error into m (ECO) or drop it,
@@ -297,8 +302,13 @@ def _adamw_float8_weight_kernel(
     real = has_block[:, None] & (index < numel)
     group = cols if SCALE_GROUP == 0 else SCALE_GROUP
     scale = tl.load(scales_ptr + index // group, mask=real, other=0.0)
-    codes = tl.load(codes_ptr + index, mask=real, other=0).to(tl.int32)
-    p = _float8_decode(codes, MANTISSA, BIAS) * scale
+    if KIND == 0:
+        unscaled = _float8_decode(tl.load(codes_ptr + index, mask=real, other=0).to(tl.int32), MANTISSA, BIAS)
+    elif KIND == 1:
+        unscaled = tl.load(codes_ptr + index, mask=real, other=0).to(tl.float32)
+    else:
+        unscaled = (_unpack(codes_ptr, index, real, 4) - 8).to(tl.float32)
+    p = unscaled * scale
     g = tl.load(grad_ptr + index, mask=real, other=0.0)
     if MAXIMIZE:
         g = -g
@@ -331,21 +341,32 @@ def _adamw_float8_weight_kernel(
         group_real = tl.reshape(tl.broadcast_to(has_block[:, None], (BLOCKS, PER_BLOCK)), (GROUPS,))
         tl.store(scales_ptr + group_index, new_scale, mask=group_real)
     y = tl.div_rn(x, tl.where(expanded > 0.0, expanded, 1.0))
-    y = tl.where(y > FORMAT_MAX, FORMAT_MAX, tl.where(y < -FORMAT_MAX, -FORMAT_MAX, y))
-    if WEIGHT_STOCHASTIC:
-        code = _float8_stochastic(y, _noise(index, weight_key), MANTISSA, BIAS, FORMAT_MAX)
-    else:
-        code = _float8_nearest(y, MANTISSA, BIAS)
-    tl.store(codes_ptr + index, code.to(tl.uint8), mask=real)
+    if KIND == 0:  # clamp, then round to float8
+        y = tl.where(y > FORMAT_MAX, FORMAT_MAX, tl.where(y < -FORMAT_MAX, -FORMAT_MAX, y))
+        if WEIGHT_STOCHASTIC:
+            code = _float8_stochastic(y, _noise(index, weight_key), MANTISSA, BIAS, FORMAT_MAX)
+        else:
+            code = _float8_nearest(y, MANTISSA, BIAS)
+        tl.store(codes_ptr + index, code.to(tl.uint8), mask=real)
+        stored = _float8_decode(code, MANTISSA, BIAS)
+    else:  # rounding.round_stochastic, then clamp
+        stored = tl.floor(y + (_noise(index, weight_key) if WEIGHT_STOCHASTIC else 0.5))
+        stored = tl.where(stored > FORMAT_MAX, FORMAT_MAX,
+                          tl.where(stored < -FORMAT_MAX, -FORMAT_MAX, stored))
+        if KIND == 1:
+            tl.store(codes_ptr + index, stored.to(tl.int8), mask=real)
+        else:
+            _pack_store(codes_ptr, stored.to(tl.int32) + 8, block, has_block, (numel + 1) // 2, 4, BLOCK,
+                        BLOCKS)
     if ECO:  # m += (eco_scale * denominator) * e, e = the new value less what was stored
-        m = m + eco_scale * denominator * (x - _float8_decode(code, MANTISSA, BIAS) * expanded)
+        m = m + eco_scale * denominator * (x - stored * expanded)
     if FLOAT_STATES:
         tl.store(m_codes_ptr + index, m, mask=real)
         tl.store(v_codes_ptr + index, v, mask=real)
     else:
-        _encode_states(m, v, index, block, has_block, real, numel, m_codes_ptr, m_scales_ptr, mids_ptr,
-                       v_codes_ptr, v_scales_ptr, quantile, v_key, M_BITS, V_BITS, V_STOCHASTIC, BLOCK,
-                       BLOCKS, STEPS)
+        _encode_states(m, v, index, block, has_block, real, numel, n_blocks, m_codes_ptr, m_scales_ptr,
+                       mids_ptr, v_codes_ptr, v_scales_ptr, quantile, v_key, M_BITS, V_BITS, V_STOCHASTIC,
+                       BLOCK, BLOCKS, STEPS)
 
 
 def supported(m_format: StateFormat, v_format: StateFormat) -> bool:
@@ -404,11 +425,12 @@ def _float_states(m_format: StateFormat, v_format: StateFormat) -> bool:
 
 
 def weight_supported(weight: QuantizedWeight, m_format: StateFormat, v_format: StateFormat) -> bool:
-    """Whether the float8 weight kernel steps ``weight``: float8 codes with row scales (at most
-    MOST_ROWS_PER_PROGRAM rows per program), or group scales whose groups divide a block; float32
-    states, or states that :func:`supported` covers."""
+    """Whether the weight kernel steps ``weight``: float8, int8 or int4 codes (int4: an even number
+    of columns) with row scales (at most MOST_ROWS_PER_PROGRAM rows per program), or group scales
+    whose groups divide a block; float32 states, or states that :func:`supported` covers."""
     block_size, group = m_format.block_size, _scale_group(weight)
-    return (weight.format.fmt in FLOAT8_LAYOUTS and weight.format.granularity in ("row", "group")
+    return (weight.format.fmt in WEIGHT_KINDS and weight.format.granularity in ("row", "group")
+            and (weight.format.fmt != "int4" or weight.shape[1] % 2 == 0)
             and (block_size % group == 0 if group else
                  _program_layout(weight.shape, block_size)[1] <= MOST_ROWS_PER_PROGRAM)
             and (_float_states(m_format, v_format) or supported(m_format, v_format)))
@@ -439,24 +461,26 @@ def _launch_arguments(state: dict, formats: dict[str, StateFormat], scalars: dic
     return tensors, scalar_values, constants
 
 
-def adamw_float8_weight_step(weight: QuantizedWeight, grad: torch.Tensor, state: dict,
-                             formats: dict[str, StateFormat], scalars: dict, v_seed: int | None,
-                             weight_seed: int | None, eco: bool, maximize: bool) -> None:
-    """One AdamW step of a float8 QuantizedWeight (see :func:`weight_supported`) updated without a
-    master copy: ECO (``eco``) or naive; stochastic rounding where ``weight_seed`` is given."""
-    mantissa, bias = FLOAT8_LAYOUTS[weight.format.fmt]
+def adamw_weight_step(weight: QuantizedWeight, grad: torch.Tensor, state: dict,
+                      formats: dict[str, StateFormat], scalars: dict, v_seed: int | None,
+                      weight_seed: int | None, eco: bool, maximize: bool) -> None:
+    """One AdamW step of a QuantizedWeight (see :func:`weight_supported`) updated without a master
+    copy: ECO (``eco``) or naive; stochastic rounding where ``weight_seed`` is given."""
+    fmt = weight.format.fmt
+    mantissa, bias = FLOAT8_LAYOUTS.get(fmt, (0, 0))
     block_size = formats["exp_avg"].block_size
     rows, cols = weight.shape
     blocks_per_program, rows_per_program = _program_layout(weight.shape, block_size)
     numel = weight.numel()
     blocks = -(-numel // block_size)
     tensors, scalar_values, constants = _launch_arguments(state, formats, scalars, v_seed, weight.device)
-    _adamw_float8_weight_kernel[(triton.cdiv(blocks, blocks_per_program),)](
-        weight.codes.view(torch.uint8), weight.scales, grad, *tensors, rows, cols, blocks_per_program,
-        numel, blocks, *scalar_values, 0 if weight_seed is None else noise_key(weight_seed),
+    codes = weight.codes.view(torch.uint8) if fmt in FLOAT8_LAYOUTS else weight.codes  # int8, packed int4
+    _adamw_weight_kernel[(triton.cdiv(blocks, blocks_per_program),)](
+        codes, weight.scales, grad, *tensors, rows, cols, blocks_per_program, numel, blocks, *scalar_values,
+        0 if weight_seed is None else noise_key(weight_seed),
         scalars["eco_scale"], MAXIMIZE=maximize, BLOCKS=triton.next_power_of_2(blocks_per_program),
         ROWS=rows_per_program if _scale_group(weight) == 0 else 1, SCALE_GROUP=_scale_group(weight),
-        MANTISSA=mantissa, BIAS=bias, FORMAT_MAX=format_max(weight.format.fmt),
+        KIND=WEIGHT_KINDS[fmt], MANTISSA=mantissa, BIAS=bias, FORMAT_MAX=format_max(fmt),
         WEIGHT_STOCHASTIC=weight_seed is not None, ECO=eco,
         FLOAT_STATES=_float_states(formats["exp_avg"], formats["exp_avg_sq"]), **constants,
     )
