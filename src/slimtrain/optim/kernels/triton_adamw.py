@@ -339,7 +339,7 @@ def _adamw_weight_kernel(
         expanded = tl.reshape(tl.broadcast_to(new_scale[:, None], (GROUPS, SCALE_GROUP)), (BLOCKS, BLOCK))
         group_index = tl.reshape(block[:, None] * PER_BLOCK + tl.arange(0, PER_BLOCK)[None, :], (GROUPS,))
         group_real = tl.reshape(tl.broadcast_to(has_block[:, None], (BLOCKS, PER_BLOCK)), (GROUPS,))
-        tl.store(scales_ptr + group_index, new_scale, mask=group_real)
+        tl.store(scales_ptr + group_index, new_scale, mask=group_real & (group_index < numel // SCALE_GROUP))
     y = tl.div_rn(x, tl.where(expanded > 0.0, expanded, 1.0))
     if KIND == 0:  # clamp, then round to float8
         y = tl.where(y > FORMAT_MAX, FORMAT_MAX, tl.where(y < -FORMAT_MAX, -FORMAT_MAX, y))
