@@ -145,9 +145,10 @@ class AdamW(LowBitOptimizer):
         weight_seed: int | None,
     ) -> bool:
         """The step of a parameter in a kernel: torch's fused AdamW for float32 states of a
-        float32 tensor (the bits of ``torch.optim.AdamW(fused=True)``); on the CPU, the C kernel
-        (the bits of the eager step) for a float32 tensor with quantized states or a
-        QuantizedWeight (float8, int8 or int4; row or group scales) updated without a master copy."""
+        float32 tensor (the bits of ``torch.optim.AdamW(fused=True)``); on CUDA, the Triton kernels
+        where they cover the formats (see :meth:`_triton_step`); on the CPU, the C kernel (the bits
+        of the eager step) for a float32 tensor with quantized states or a QuantizedWeight (float8,
+        int8 or int4; row or group scales) updated without a master copy."""
         maximize, weight_update = options
         grad = param.grad
         if (grad.dtype != torch.float32 or set(formats) != {"exp_avg", "exp_avg_sq"}
@@ -181,10 +182,11 @@ class AdamW(LowBitOptimizer):
     def _triton_step(param: torch.Tensor, formats: dict[str, StateFormat], state: dict,
                      scalars: dict[str, Any], seeds: dict[str, int | None], options: tuple[bool, str | None],
                      weight_seed: int | None) -> bool:
-        """The Triton kernels' step of a plain float32 ``param``, or of a float8 QuantizedWeight
-        updated by ECO or naively, whose states they support (see triton_adamw.supported and
-        weight_supported; under 2^31 elements: int32 indices). False where they do not, Triton
-        is not installed, or a kernel fails to compile or launch (then never again)."""
+        """The Triton kernels' step of a plain float32 ``param``, or of a float8, int8 or int4
+        QuantizedWeight updated by ECO or naively, whose states they support (see
+        triton_adamw.supported and weight_supported; under 2^31 elements: int32 indices). False
+        where they do not, Triton is not installed, or a kernel fails to compile or launch (then
+        never again)."""
         maximize, weight_update = options
         module = kernels.triton_kernels()
         if module is None or param.numel() >= 2**31 or not param.grad.is_contiguous():
