@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("case", ["configurations", "special_values", "random_gradients", "weights",
-                                  "elementary_functions", "uncovered"])
+                                  "elementary_functions", "training", "uncovered"])
 def test_triton_kernel_gives_the_eager_bits(case):
     pytest.importorskip("triton")
     # glibc's malloc checks abort the process where a kernel wrote past a tensor's end

@@ -14,6 +14,8 @@ from slimtrain.optim import kernels
 from slimtrain.optim.kernels import triton_adamw
 from slimtrain.quant import elementary
 from slimtrain.quant.formats import _FLOAT8, _float8_stochastic, format_max
+from slimtrain.train.models import GPT, GPT_SIZES
+from slimtrain.train.recipes import RECIPES
 from tests.optim.test_kernels import assert_same_floats, elementary_inputs, float8_tie_cases, run, run_weight
 
 CALLS: list[int] = []
@@ -161,6 +163,39 @@ def elementary_functions() -> None:
         assert torch.equal(elementwise(2, y, noise, fmt).to(torch.uint8), expected), fmt
 
 
+def training() -> None:
+    """Two steps of the tiny GPT under the `slim` recipe (the tied embedding, norms, FP8 linears):
+    the Triton kernels' losses, weights and states are the C kernel's bits."""
+    for recipe in (RECIPES["slim"],):
+        runs = []
+        for devices in ({"cpu"}, set()):  # Triton (interpreted), then the C kernel
+            kernels.TRITON_DEVICES = devices
+            CALLS.clear()
+            torch.manual_seed(0)
+            model = GPT(GPT_SIZES["tiny"])
+            recipe.prepare_model(model)
+            opt = recipe.make_optimizer(model, lr=3e-3, seed=1)
+            tokens = torch.randint(0, 256, (2, 2, 33), generator=torch.Generator().manual_seed(2))
+            losses = []
+            for batch in tokens:
+                logits = model(batch[:, :-1])
+                loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
+                loss.backward()
+                opt.step()
+                opt.zero_grad()
+                losses.append(loss.item())
+            runs.append((losses, model.state_dict(), opt.state_dict()["state"], len(CALLS)))
+        (triton_losses, triton_model, triton_state, calls), (c_losses, c_model, c_state, _) = runs
+        assert calls > 0, recipe.name
+        assert triton_losses == c_losses, recipe.name
+        for key, value in triton_model.items():
+            assert torch.equal(value, c_model[key]), f"{recipe.name}: {key}"
+        for index, state in triton_state.items():
+            for key, value in state.items():
+                assert torch.equal(value, c_state[index][key]), f"{recipe.name}: state {index} {key}"
+    kernels.TRITON_DEVICES = {"cpu"}
+
+
 def uncovered() -> None:
     """Formats the kernel does not cover take the C kernel (the same bits), never the Triton one."""
     for options in UNCOVERED:
@@ -179,5 +214,5 @@ def uncovered() -> None:
 if __name__ == "__main__":
     cases = {"configurations": configurations, "special_values": special_values,
              "random_gradients": random_gradients, "weights": weights,
-             "elementary_functions": elementary_functions, "uncovered": uncovered}
+             "elementary_functions": elementary_functions, "training": training, "uncovered": uncovered}
     cases[sys.argv[1]]()
