@@ -18,7 +18,6 @@ import torch
 
 import slimtrain as st
 from slimtrain.distributed import launch
-from slimtrain.optim import kernels
 from slimtrain.train.bench import BENCH_HEADER, VERSUS, configurations, format_row, run_bench, speedups
 from slimtrain.train.compare import DEFAULT_COMPARE_RECIPES, compare
 from slimtrain.train.models import GPT_SIZES
@@ -240,7 +239,6 @@ def _bench(args: argparse.Namespace) -> int:
         kernel_note = "; C kernels " + (
             f"compiled in {compiled:.1f} s (once per machine)" if compiled else "loaded from the cache")
     else:
-        report["triton_kernels"] = kernels.triton_status()
         kernel_note = f"; Triton kernels {report['triton_kernels']}"
     for name, reason in report["failed_peers"].items():
         print(f"{name}: failed on this machine, left out ({reason})")

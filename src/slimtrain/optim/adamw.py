@@ -13,7 +13,7 @@ from slimtrain.optim.base import LowBitOptimizer, as_pair, check_adam_options, c
 from slimtrain.optim.functional import adam_denominator, adam_step_scalars, adamw_update_
 from slimtrain.optim.state import SIGNED_MAPS, STATE_BITS, UNSIGNED_MAPS, StateFormat, scaled_beta
 from slimtrain.quant import ROUNDING_MODES
-from slimtrain.weights.tensor import QuantizedWeight, is_low_precision
+from slimtrain.weights.tensor import QuantizedWeight
 
 BETA1_POLICIES = ("scaled", "fixed")
 
@@ -199,8 +199,7 @@ class AdamW(LowBitOptimizer):
             step = partial(module.adamw_weight_step, param, param.grad, state, formats, scalars,
                            seeds["exp_avg_sq"], weight_seed, weight_update == "eco", maximize)
         else:
-            if (not plain_float32(param) or is_low_precision(param)
-                    or not module.supported(m_format, v_format)):
+            if not plain_float32(param) or not module.supported(m_format, v_format):
                 return False
             step = partial(module.adamw_step, param, param.grad, state, formats, scalars,
                            seeds["exp_avg_sq"], maximize)

@@ -198,7 +198,9 @@ def run_bench(sizes: list[int], steps: int = 5, warmup: int = 3, only: list[str]
                 progress(result)
     return dict(torch=torch.__version__, device=device_name(target), threads=torch.get_num_threads(),
                 copy_bandwidth_gbs=copy, failed_peers=failed,
-                kernel_compile_seconds=kernels.compile_seconds, results=[asdict(r) for r in results])
+                kernel_compile_seconds=kernels.compile_seconds,
+                triton_kernels=kernels.triton_status() if target.type == "cuda" else None,
+                results=[asdict(r) for r in results])
 
 
 def speedups(results: list[dict], versus: str) -> list[dict]:

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from slimtrain.optim.kernels import FLOAT8_LAYOUTS, WEIGHT_KINDS
+from slimtrain.optim.kernels import FLOAT8_LAYOUTS, WEIGHT_KINDS, scale_group
 from slimtrain.optim.state import StateFormat
 from slimtrain.quant.blockwise import QUANTILE_BISECTION_STEPS
 from slimtrain.quant.codebooks import codebook
@@ -289,13 +289,13 @@ def _adamw_weight_kernel(
     STEPS: tl.constexpr, KIND: tl.constexpr, MANTISSA: tl.constexpr, BIAS: tl.constexpr,
     FORMAT_MAX: tl.constexpr, WEIGHT_STOCHASTIC: tl.constexpr, ECO: tl.constexpr, FLOAT_STATES: tl.constexpr,
 ):
-    """The step of ROWS rows of a weight of KIND codes (WEIGHT_FLOAT8 with MANTISSA and BIAS,
-    WEIGHT_INT8, or WEIGHT_INT4: value + 8, two per byte) (with row scales; whole groups with group scales)
-    that are ``blocks_per_program`` (at most BLOCKS) whole blocks, without a master copy: decode, update,
-    re-quantize with new absmax scales per row (SCALE_GROUP 0) or per group of SCALE_GROUP elements
-    (a divisor of BLOCK), nearest or stochastic, feed the rounding error into m (ECO) or drop it,
-    encode m and v (FLOAT_STATES: m and v are float32 tensors at m_codes_ptr and v_codes_ptr, read
-    and written as they are)."""
+    """The step of a weight of KIND codes (WEIGHT_FLOAT8 with MANTISSA and BIAS, WEIGHT_INT8, or
+    WEIGHT_INT4: value + 8, two per byte) over ``blocks_per_program`` (at most BLOCKS) whole blocks
+    that hold whole scale groups, without a master copy: decode, update, re-quantize with new
+    absmax scales per group of SCALE_GROUP elements (a row or a group of it, dividing BLOCK) or,
+    SCALE_GROUP 0, per row of the program's ROWS rows (rows that straddle blocks), nearest or
+    stochastic, feed the rounding error into m (ECO) or drop it, encode m and v (FLOAT_STATES: m
+    and v are float32 tensors at m_codes_ptr and v_codes_ptr, read and written as they are)."""
     block = tl.program_id(0) * blocks_per_program + tl.arange(0, BLOCKS)
     has_block = (tl.arange(0, BLOCKS) < blocks_per_program) & (block < n_blocks)
     index = block[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]  # (BLOCKS, BLOCK)
@@ -404,9 +404,11 @@ def adamw_step(param: torch.Tensor, grad: torch.Tensor, state: dict, formats: di
     )
 
 
-def _scale_group(weight: QuantizedWeight) -> int:
-    """Elements per scale of a weight with row (0: a whole row) or group scales."""
-    return 0 if weight.format.granularity == "row" else weight.format.group_size
+def _scale_group(weight: QuantizedWeight, block_size: int) -> int:
+    """The weight kernel's SCALE_GROUP: the elements that share a scale (a row or a group of it)
+    where they divide a block, else 0 (rows that straddle blocks: one masked maximum per row)."""
+    group = scale_group(weight.format, weight.shape[1])
+    return group if block_size % group == 0 else 0
 
 
 MOST_ROWS_PER_PROGRAM = 32  # each row of a program costs a masked maximum over the program's elements
@@ -428,11 +430,12 @@ def weight_supported(weight: QuantizedWeight, m_format: StateFormat, v_format: S
     """Whether the weight kernel steps ``weight``: float8, int8 or int4 codes (int4: an even number
     of columns) with row scales (at most MOST_ROWS_PER_PROGRAM rows per program), or group scales
     whose groups divide a block; float32 states, or states that :func:`supported` covers."""
-    block_size, group = m_format.block_size, _scale_group(weight)
+    block_size = m_format.block_size
     return (weight.format.fmt in WEIGHT_KINDS and weight.format.granularity in ("row", "group")
             and (weight.format.fmt != "int4" or weight.shape[1] % 2 == 0)
-            and (block_size % group == 0 if group else
-                 _program_layout(weight.shape, block_size)[1] <= MOST_ROWS_PER_PROGRAM)
+            and (_scale_group(weight, block_size) > 0 or (
+                weight.format.granularity == "row"
+                and _program_layout(weight.shape, block_size)[1] <= MOST_ROWS_PER_PROGRAM))
             and (_float_states(m_format, v_format) or supported(m_format, v_format)))
 
 
@@ -471,6 +474,7 @@ def adamw_weight_step(weight: QuantizedWeight, grad: torch.Tensor, state: dict,
     block_size = formats["exp_avg"].block_size
     rows, cols = weight.shape
     blocks_per_program, rows_per_program = _program_layout(weight.shape, block_size)
+    scale_layout = _scale_group(weight, block_size)
     numel = weight.numel()
     blocks = -(-numel // block_size)
     tensors, scalar_values, constants = _launch_arguments(state, formats, scalars, v_seed, weight.device)
@@ -479,7 +483,7 @@ def adamw_weight_step(weight: QuantizedWeight, grad: torch.Tensor, state: dict,
         codes, weight.scales, grad, *tensors, rows, cols, blocks_per_program, numel, blocks, *scalar_values,
         0 if weight_seed is None else noise_key(weight_seed),
         scalars["eco_scale"], MAXIMIZE=maximize, BLOCKS=triton.next_power_of_2(blocks_per_program),
-        ROWS=rows_per_program if _scale_group(weight) == 0 else 1, SCALE_GROUP=_scale_group(weight),
+        ROWS=rows_per_program if scale_layout == 0 else 1, SCALE_GROUP=scale_layout,
         KIND=WEIGHT_KINDS[fmt], MANTISSA=mantissa, BIAS=bias, FORMAT_MAX=format_max(fmt),
         WEIGHT_STOCHASTIC=weight_seed is not None, ECO=eco,
         FLOAT_STATES=_float_states(formats["exp_avg"], formats["exp_avg_sq"]), **constants,
