@@ -133,11 +133,11 @@ static inline i8 noise_bits_at8(u8v x) {
     x = (x >> 16) ^ x;
     return (i8)(x >> 8);
 }
-/* noise_at of the 8 indices index .. index + 7 times 2^24 */
-static inline i8 noise_bits8(uint32_t key, int64_t index) { return noise_bits_at8(noise_counter8(key, index)); }
 static inline f8 noise_of_bits8(i8 bits) { return __builtin_convertvector(bits, f8) * (1.0f / 16777216.0f); }
 /* noise_at of the 8 indices index .. index + 7 */
-static inline f8 noise8(uint32_t key, int64_t index) { return noise_of_bits8(noise_bits8(key, index)); }
+static inline f8 noise8(uint32_t key, int64_t index) {
+    return noise_of_bits8(noise_bits_at8(noise_counter8(key, index)));
+}
 
 static inline float lanes_max(f8 v, float start) {
     for (int j = 0; j < 8; ++j) start = v[j] > start ? v[j] : start;
@@ -1069,7 +1069,7 @@ static inline f8 clamp8(f8 y, f8 top) { return max8(-top, min8(top, y)); }
 
 /* Round n <= 8 scaled values y (|y| <= max up to the division's rounding) to codes stored from
  * element `at`, as slimtrain.quant.formats.quantize_weight does; returns the codes' unscaled
- * values. `noise_bits`: the stochastic-rounding noise of these elements (noise_bits8), or NULL for
+ * values. `noise_bits`: the stochastic-rounding noise of these elements (noise_bits_at8), or NULL for
  * nearest. */
 static inline f8 weight_encode8(f8 y, const i8 *noise_bits, uint8_t *codes, int64_t at, int64_t n,
                                 weight_layout_t l) {
