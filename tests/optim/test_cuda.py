@@ -67,6 +67,9 @@ TRITON_CONFIGURATIONS = [
     dict(state_bits=(4, 2)),
     dict(state_bits=(2, 2), state_rounding="nearest"),
     dict(state_bits=(4, 4), maximize=True, block_size=32, weight_decay=0.3),
+    dict(state_bits=(3, 2)),
+    dict(state_bits=(8, 8)),
+    dict(state_bits=(2, 2), state_rounding="stochastic"),  # the solo-2-2 recipe's m
 ]
 
 

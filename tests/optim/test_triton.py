@@ -5,6 +5,7 @@ interpreter. A kernel that fails to compile or launch leaves the step to the oth
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -16,14 +17,25 @@ from tests.optim.test_kernels import run
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.parametrize("case", ["configurations", "special_values", "random_gradients", "weights",
-                                  "elementary_functions", "training", "uncovered"])
-def test_triton_kernel_gives_the_eager_bits(case):
+CASES = ["training", "configurations", "weights", "random_gradients", "special_values", "uncovered",
+         "elementary_functions"]  # the longest first: they run side by side, one per core
+
+
+@pytest.fixture(scope="module")
+def case_runs():
+    """Every case started at once, as many at a time as there are cores: {case: its future}."""
     pytest.importorskip("triton")
     # glibc's malloc checks abort the process where a kernel wrote past a tensor's end
     env = {**os.environ, "TRITON_INTERPRET": "1", "MALLOC_CHECK_": "3", "MALLOC_PERTURB_": "165"}
-    result = subprocess.run([sys.executable, "-m", "tests.optim.triton_cases", case], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=900)
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        yield {case: pool.submit(subprocess.run, [sys.executable, "-m", "tests.optim.triton_cases", case],
+                                 cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+               for case in CASES}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_triton_kernel_gives_the_eager_bits(case, case_runs):
+    result = case_runs[case].result()
     assert result.returncode == 0, result.stderr[-3000:]
 
 

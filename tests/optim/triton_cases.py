@@ -29,6 +29,10 @@ CONFIGURATIONS = [
     dict(state_bits=(2, 2), state_rounding="nearest"),
     dict(state_bits=(4, 4), maximize=True, block_size=32, weight_decay=0.3),
     dict(state_bits=(2, 4), quantile=0.3, block_size=16, eps=1e-3, betas=(0.5, 0.9)),
+    dict(state_bits=(3, 3), state_rounding="nearest"),  # codes straddle bytes
+    dict(state_bits=(8, 8), state_maps=("linear", "log")),
+    dict(state_bits=(8, 2), state_rounding="stochastic"),  # m rounded stochastically, 256 levels
+    dict(state_bits=(2, 3), state_rounding=("stochastic", "nearest"), block_size=8),
 ]
 WEIGHT_CONFIGURATIONS = [  # (shape, options): float8 weights updated without a master copy
     ((48, 128), dict(state_bits=(4, 2), rounding="stochastic")),  # the slim recipe
@@ -47,10 +51,11 @@ WEIGHT_CONFIGURATIONS = [  # (shape, options): float8 weights updated without a 
     ((11, 192), dict(fmt="int4", granularity="group", group_size=32, state_bits=(4, 2),
                      rounding="stochastic")),  # the int4-eco recipe
     ((7, 200), dict(fmt="int4", state_bits=(2, 2), rounding="nearest", block_size=16)),  # row scales
+    ((48, 128), dict(state_bits=(8, 3), weight_update="naive", rounding="stochastic", maximize=True)),
+    ((11, 192), dict(state_bits=(2, 2), state_rounding="stochastic", rounding="stochastic")),
 ]
-UNCOVERED = [dict(state_bits=(3, 2)), dict(state_bits=(8, 8)),
-             dict(state_bits=(4, 2), state_rounding="stochastic"), dict(state_bits=(4, 2), block_size=48),
-             dict(state_bits=(32, 2))]
+UNCOVERED = [dict(state_bits=(4, 2), block_size=48), dict(state_bits=(32, 2)), dict(state_bits=(4, 32)),
+             dict(state_bits=(4, 2), state_maps=("dynamic", "dynamic"))]
 
 
 def assert_same(fused: tuple, eager: tuple, what: str) -> None:
@@ -86,14 +91,15 @@ def special_values() -> None:
 
 
 def random_gradients() -> None:
-    """Random lengths, block sizes and state bits; gradients mixing zeros, subnormals, ordinary
-    values and values whose squares overflow float32."""
+    """Random lengths; block sizes, state bits and roundings in turn; gradients mixing zeros,
+    subnormals, ordinary values and values whose squares overflow float32."""
     generator = torch.Generator().manual_seed(7)
     kinds = torch.tensor([0.0, 1e-40, 1.0, 2.0**70])
     for case in range(16):
         numel = int(torch.randint(1, 700, (), generator=generator))
         block = (8, 16, 32, 128)[case % 4]
-        bits = ((4, 2), (2, 2), (2, 4), (4, 4))[case // 4]
+        bits = ((4, 2), (2, 2), (3, 4), (8, 3), (4, 8), (2, 4), (3, 2), (8, 8))[case // 2]
+        rounding = (("nearest", "stochastic")[case % 2], ("stochastic", "nearest")[case % 3 == 0])
         grads = [kinds[torch.randint(0, 4, (numel,), generator=generator)]
                  * torch.randn(numel, generator=generator) for _ in range(2)]
         results = []
@@ -101,12 +107,12 @@ def random_gradients() -> None:
         for fused in (True, False):
             param = torch.nn.Parameter(torch.linspace(-1, 1, numel))
             opt = st.AdamW([param], lr=1e-2, compile=fused, min_quantized_numel=0, state_bits=bits,
-                           block_size=block, seed=case)
+                           block_size=block, seed=case, state_rounding=rounding)
             for grad in grads:
                 param.grad = grad.clone()
                 opt.step()
             results.append((param.detach().clone(), opt.state[param]))
-        what = f"case {case}: {numel} elements, blocks of {block}, bits {bits}"
+        what = f"case {case}: {numel} elements, blocks of {block}, bits {bits}, rounding {rounding}"
         assert len(CALLS) == 2, what
         assert_same(*results, what)
 
@@ -164,9 +170,10 @@ def elementary_functions() -> None:
 
 
 def training() -> None:
-    """Two steps of the tiny GPT under the `slim` recipe (the tied embedding, norms, FP8 linears):
+    """Two steps of the tiny GPT under the `slim` recipe (the tied embedding, norms, FP8 linears)
+    and the `solo-2-2` recipe (float32 weights, m rounded stochastically):
     the Triton kernels' losses, weights and states are the C kernel's bits."""
-    for recipe in (RECIPES["slim"],):
+    for recipe in (RECIPES["slim"], RECIPES["solo-2-2"]):
         runs = []
         for devices in ({"cpu"}, set()):  # Triton (interpreted), then the C kernel
             kernels.TRITON_DEVICES = devices
@@ -204,7 +211,7 @@ def uncovered() -> None:
         assert_same(fused, run(False, (4097,), steps=2, **options), str(options))
     for fmt, shape, options in [("int4", (48, 33 * 2), dict(granularity="group", group_size=33 * 2)),
                                 ("fp8_e4m3", (48, 33), {}),
-                                ("fp8_e4m3", (48, 128), dict(state_bits=(8, 3)))]:
+                                ("fp8_e4m3", (48, 128), dict(state_bits=(8, 32)))]:
         fused = run_weight(True, shape, fmt, steps=2, **options)
         assert not CALLS, f"{fmt} {shape} {options}: stepped by the Triton kernel"
         eager = run_weight(False, shape, fmt, steps=2, **options)

@@ -197,12 +197,11 @@ class AdamW(LowBitOptimizer):
                     or not module.weight_supported(param, m_format, v_format)):
                 return False
             step = partial(module.adamw_weight_step, param, param.grad, state, formats, scalars,
-                           seeds["exp_avg_sq"], weight_seed, weight_update == "eco", maximize)
+                           seeds, weight_seed, weight_update == "eco", maximize)
         else:
             if not plain_float32(param) or not module.supported(m_format, v_format):
                 return False
-            step = partial(module.adamw_step, param, param.grad, state, formats, scalars,
-                           seeds["exp_avg_sq"], maximize)
+            step = partial(module.adamw_step, param, param.grad, state, formats, scalars, seeds, maximize)
         try:
             step()
         except Exception as error:  # compiling or launching it: before it wrote anything

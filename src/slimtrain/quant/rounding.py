@@ -99,6 +99,12 @@ def round_stochastic(x: torch.Tensor, noise: torch.Tensor | None) -> torch.Tenso
     return torch.floor(x + (0.5 if noise is None else noise.view_as(x)))
 
 
+def midpoints(levels: torch.Tensor) -> torch.Tensor:
+    """The (T - 1,) midpoints of neighbouring entries of sorted float32 ``levels`` (T,): where
+    rounding to the nearest level changes."""
+    return (levels[1:] + levels[:-1]) / 2
+
+
 def round_to_codebook(
     x: torch.Tensor, levels: torch.Tensor, noise: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -109,7 +115,7 @@ def round_to_codebook(
     """
     n = levels.numel()
     if noise is None:
-        return count_below((levels[1:] + levels[:-1]) / 2, x)
+        return count_below(midpoints(levels), x)
     low = (count_below(levels[1:-1], x, inclusive=True)).clamp(0, n - 2)
     low_level = levels[low]
     gap = levels[low + 1] - low_level

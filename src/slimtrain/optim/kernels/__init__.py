@@ -29,7 +29,7 @@ from slimtrain.optim.state import StateFormat
 from slimtrain.paths import cache_dir
 from slimtrain.quant import codebook
 from slimtrain.quant.formats import format_max
-from slimtrain.quant.rounding import noise_key
+from slimtrain.quant.rounding import midpoints, noise_key
 from slimtrain.weights.tensor import QuantizedWeight, WeightFormat, is_low_precision
 
 SOURCE = Path(__file__).with_name("adamw_cpu.c")
@@ -230,7 +230,7 @@ def state_args(state: dict, name: str, fmt: StateFormat, seed: int | None,
                      codes=codes.data_ptr(), scales=scales.data_ptr())
     if fmt.kind != "log":
         levels = codebook(fmt.kind, fmt.bits, fmt.signed)
-        mids = (levels[1:] + levels[:-1]) / 2  # as round_to_codebook computes them
+        mids = midpoints(levels)
         keep_alive += [levels, mids]
         args.levels, args.mids = levels.data_ptr(), mids.data_ptr()
     return args

@@ -1,7 +1,8 @@
-"""Fused AdamW steps in Triton (CUDA) for states with m in 2- or 4-bit codebook codes (an absmax
-scale per block, rounded to nearest) and v on 2- or 4-bit logarithmic levels (SOLO): of a float32
-parameter (one program per GROUP blocks), and of a float8 weight updated without a master copy
-(ECO or naive; one program per whole rows and whole blocks, new row or group scales included).
+"""Fused AdamW steps in Triton (CUDA) for SOLO states: m in 2- to 8-bit codebook codes (an absmax
+scale per block) and v on 2- to 8-bit logarithmic levels, each rounded to nearest or
+stochastically: of a float32 parameter (one program per GROUP blocks), and of a float8, int8 or
+int4 weight updated without a master copy (ECO or naive; one program per whole rows and whole
+blocks, new row or group scales included), which also takes float32 states.
 Decode, update, encode in one pass; each block's reductions (absmax, maximum, the quantile
 bisection) stay in registers.
 
@@ -26,7 +27,7 @@ from slimtrain.quant.blockwise import QUANTILE_BISECTION_STEPS
 from slimtrain.quant.codebooks import codebook
 from slimtrain.quant.elementary import _ATANH, _EXP2, _SQRT_HALF, _TWO_OVER_LN2
 from slimtrain.quant.formats import format_max
-from slimtrain.quant.rounding import noise_key
+from slimtrain.quant.rounding import midpoints, noise_key
 from slimtrain.weights.tensor import QuantizedWeight
 
 GROUP = 8  # blocks per program
@@ -103,9 +104,15 @@ def _mix32(x):
 
 @triton.jit
 def _unpack(codes_ptr, index, mask, BITS: tl.constexpr):
-    """The BITS-bit codes of padded elements ``index`` (8 // BITS codes per byte, low bits first)."""
-    byte = tl.load(codes_ptr + index // (8 // BITS), mask=mask, other=0).to(tl.int32)
-    return (byte >> ((index % (8 // BITS)) * BITS)) & ((1 << BITS) - 1)
+    """The BITS-bit codes (int32) of padded elements ``index``, as packing.unpack reads them: each
+    group of 8 codes in BITS bytes, low bits first."""
+    first_bit = (index % 8) * BITS
+    byte_index = (index // 8) * BITS + first_bit // 8
+    word = tl.load(codes_ptr + byte_index, mask=mask, other=0).to(tl.int32)
+    if 8 % BITS != 0:  # a code may go on into the next byte of its group
+        straddles = mask & (first_bit % 8 + BITS > 8)
+        word = word | (tl.load(codes_ptr + byte_index + 1, mask=straddles, other=0).to(tl.int32) << 8)
+    return (word >> (first_bit % 8)) & ((1 << BITS) - 1)
 
 
 @triton.jit
@@ -113,13 +120,38 @@ def _pack_store(codes_ptr, codes, block, mask_blocks, byte_count, BITS: tl.const
                 BLOCKS: tl.constexpr):
     """Store (BLOCKS, BLOCK) int32 codes of the blocks ``block`` packed as _unpack reads them, into
     the first ``byte_count`` bytes at codes_ptr."""
-    PER: tl.constexpr = 8 // BITS
-    shifts = (tl.arange(0, BLOCK) % PER) * BITS
-    words = tl.reshape(codes << shifts[None, :], (BLOCKS, BLOCK // PER, PER))
-    packed = tl.sum(words, axis=2)  # disjoint bits: the sum is the OR
-    byte_index = block[:, None] * (BLOCK // PER) + tl.arange(0, BLOCK // PER)[None, :]
-    mask = mask_blocks[:, None] & (byte_index < byte_count)
-    tl.store(codes_ptr + byte_index, packed.to(tl.uint8), mask=mask)
+    if BITS == 8:
+        index = block[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
+        tl.store(codes_ptr + index, codes.to(tl.uint8), mask=mask_blocks[:, None] & (index < byte_count))
+    elif 8 % BITS == 0:  # whole codes per byte: one store
+        PER: tl.constexpr = 8 // BITS
+        shifts = (tl.arange(0, BLOCK) % PER) * BITS
+        words = tl.reshape(codes << shifts[None, :], (BLOCKS, BLOCK // PER, PER))
+        packed = tl.sum(words, axis=2)  # disjoint bits: the sum is the OR
+        byte_index = block[:, None] * (BLOCK // PER) + tl.arange(0, BLOCK // PER)[None, :]
+        mask = mask_blocks[:, None] & (byte_index < byte_count)
+        tl.store(codes_ptr + byte_index, packed.to(tl.uint8), mask=mask)
+    else:  # a group of 8 codes in a word of BITS bytes, stored byte by byte
+        shifts = ((tl.arange(0, BLOCK) % 8) * BITS).to(tl.int64)
+        words = tl.sum(tl.reshape(codes.to(tl.int64) << shifts[None, :], (BLOCKS, BLOCK // 8, 8)), axis=2)
+        group = block[:, None] * (BLOCK // 8) + tl.arange(0, BLOCK // 8)[None, :]
+        for k in tl.static_range(BITS):
+            byte_index = group * BITS + k
+            mask = mask_blocks[:, None] & (byte_index < byte_count)
+            tl.store(codes_ptr + byte_index, ((words >> (8 * k)) & 0xFF).to(tl.uint8), mask=mask)
+
+
+@triton.jit
+def _count_below(table_ptr, y, BITS: tl.constexpr, INCLUSIVE: tl.constexpr):
+    """rounding.count_below of the 2^BITS - 1 sorted float32 entries at table_ptr for each of y
+    (int32; 0 for NaN): a branchless binary search, one lookup per bit."""
+    count = tl.zeros(y.shape, dtype=tl.int32)
+    for i in tl.static_range(BITS):
+        half: tl.constexpr = 1 << (BITS - 1 - i)
+        entry = tl.load(table_ptr + count + (half - 1))
+        below = (entry <= y) if INCLUSIVE else (entry < y)
+        count = tl.where(below, count + half, count)
+    return count
 
 
 @triton.jit
@@ -154,20 +186,28 @@ def _adamw_update(p, g, m, v, decay, lerp_weight, beta2, one_minus_beta2, eps, i
 
 @triton.jit
 def _encode_states(m, v, index, block, has_block, real, numel, n_blocks, m_codes_ptr, m_scales_ptr,
-                   mids_ptr, v_codes_ptr, v_scales_ptr, quantile, v_key, M_BITS: tl.constexpr,
-                   V_BITS: tl.constexpr, V_STOCHASTIC: tl.constexpr, BLOCK: tl.constexpr,
-                   BLOCKS: tl.constexpr, STEPS: tl.constexpr):
-    """Store m (quantize_absmax, nearest level) and v (quantize_log) of the BLOCKS blocks ``block``
-    (those of ``has_block``); padding (not ``real``) encodes as zeros."""
+                   levels_ptr, mids_ptr, v_codes_ptr, v_scales_ptr, quantile, m_key, v_key,
+                   M_BITS: tl.constexpr, M_STOCHASTIC: tl.constexpr, V_BITS: tl.constexpr,
+                   V_STOCHASTIC: tl.constexpr, BLOCK: tl.constexpr, BLOCKS: tl.constexpr,
+                   STEPS: tl.constexpr):
+    """Store m (quantize_absmax) and v (quantize_log) of the BLOCKS blocks ``block`` (those of
+    ``has_block``), each rounded to nearest or stochastically; padding (not ``real``) encodes as
+    zeros."""
     m = tl.where(real, m, 0.0)
     absmax = tl.max(tl.abs(m), axis=1)
     boost = tl.where(absmax < TINY, 16777216.0, 1.0)
     inverse = tl.div_rn(1.0, tl.where(absmax > 0.0, absmax * boost, 1.0))
     y = (m * boost[:, None]) * inverse[:, None]
-    m_code = tl.zeros((BLOCKS, BLOCK), dtype=tl.float32)  # the count of midpoints below y
-    for j in tl.static_range((1 << M_BITS) - 1):
-        m_code = m_code + (tl.load(mids_ptr + j) < y).to(tl.float32)
-    _pack_store(m_codes_ptr, m_code.to(tl.int32), block, has_block, n_blocks * BLOCK * M_BITS // 8, M_BITS,
+    if M_STOCHASTIC:  # round_to_codebook with noise: up from level low with p = frac
+        low = tl.minimum(_count_below(levels_ptr + 1, y, M_BITS, True), (1 << M_BITS) - 2)
+        low_level = tl.load(levels_ptr + low)
+        gap = tl.load(levels_ptr + low + 1) - low_level
+        frac = tl.div_rn(y - low_level, tl.where(gap > 0.0, gap, 1.0))
+        frac = tl.where(frac < 0.0, 0.0, tl.where(frac > 1.0, 1.0, frac))
+        m_code = low + (_noise(index, m_key) < frac).to(tl.int32)
+    else:  # the nearest level: the count of midpoints below y
+        m_code = _count_below(mids_ptr, y, M_BITS, False)
+    _pack_store(m_codes_ptr, m_code, block, has_block, n_blocks * BLOCK * M_BITS // 8, M_BITS,
                 BLOCK, BLOCKS)
     tl.store(m_scales_ptr + block, absmax, mask=has_block)
     # v: x_p by bisection in log2, snapped to an element
@@ -211,13 +251,13 @@ def _noise(index, key):
     return (_mix32(index.to(tl.uint32) + key.to(tl.uint32)) >> 8).to(tl.float32) * (1.0 / 16777216.0)
 
 
-@triton.jit(do_not_specialize=["v_key"])  # a key of 1 would otherwise become a constant
+@triton.jit(do_not_specialize=["m_key", "v_key"])  # a key of 1 would otherwise become a constant
 def _adamw_step_kernel(
     param_ptr, grad_ptr, m_codes_ptr, m_scales_ptr, levels_ptr, mids_ptr, v_codes_ptr, v_scales_ptr,
     numel, n_blocks, decay, lerp_weight, beta2, one_minus_beta2, eps, inverse_correction,
-    neg_step_size, quantile, v_key,
-    MAXIMIZE: tl.constexpr, M_BITS: tl.constexpr, V_BITS: tl.constexpr, V_STOCHASTIC: tl.constexpr,
-    BLOCK: tl.constexpr, GROUP: tl.constexpr, STEPS: tl.constexpr,
+    neg_step_size, quantile, m_key, v_key,
+    MAXIMIZE: tl.constexpr, M_BITS: tl.constexpr, M_STOCHASTIC: tl.constexpr, V_BITS: tl.constexpr,
+    V_STOCHASTIC: tl.constexpr, BLOCK: tl.constexpr, GROUP: tl.constexpr, STEPS: tl.constexpr,
 ):
     block = tl.program_id(0) * GROUP + tl.arange(0, GROUP)  # (GROUP,)
     has_block = block < n_blocks
@@ -233,8 +273,8 @@ def _adamw_step_kernel(
                                inverse_correction, neg_step_size)
     tl.store(param_ptr + index, p, mask=real)
     _encode_states(m, v, index, block, has_block, real, numel, n_blocks, m_codes_ptr, m_scales_ptr,
-                   mids_ptr, v_codes_ptr, v_scales_ptr, quantile, v_key, M_BITS, V_BITS, V_STOCHASTIC, BLOCK,
-                   GROUP, STEPS)
+                   levels_ptr, mids_ptr, v_codes_ptr, v_scales_ptr, quantile, m_key, v_key, M_BITS,
+                   M_STOCHASTIC, V_BITS, V_STOCHASTIC, BLOCK, GROUP, STEPS)
 
 
 @triton.jit
@@ -279,15 +319,17 @@ def _float8_stochastic(y, noise, MANTISSA: tl.constexpr, BIAS: tl.constexpr, FOR
     return tl.where(noise < p_other, other_code, nearest)
 
 
-@triton.jit(do_not_specialize=["v_key", "weight_key"])
+@triton.jit(do_not_specialize=["m_key", "v_key", "weight_key"])
 def _adamw_weight_kernel(
     codes_ptr, scales_ptr, grad_ptr, m_codes_ptr, m_scales_ptr, levels_ptr, mids_ptr, v_codes_ptr,
     v_scales_ptr, rows, cols, blocks_per_program, numel, n_blocks, decay, lerp_weight,
-    beta2, one_minus_beta2, eps, inverse_correction, neg_step_size, quantile, v_key, weight_key, eco_scale,
-    MAXIMIZE: tl.constexpr, M_BITS: tl.constexpr, V_BITS: tl.constexpr, V_STOCHASTIC: tl.constexpr,
-    BLOCK: tl.constexpr, BLOCKS: tl.constexpr, ROWS: tl.constexpr, SCALE_GROUP: tl.constexpr,
-    STEPS: tl.constexpr, KIND: tl.constexpr, MANTISSA: tl.constexpr, BIAS: tl.constexpr,
-    FORMAT_MAX: tl.constexpr, WEIGHT_STOCHASTIC: tl.constexpr, ECO: tl.constexpr, FLOAT_STATES: tl.constexpr,
+    beta2, one_minus_beta2, eps, inverse_correction, neg_step_size, quantile, m_key, v_key, weight_key,
+    eco_scale,
+    MAXIMIZE: tl.constexpr, M_BITS: tl.constexpr, M_STOCHASTIC: tl.constexpr, V_BITS: tl.constexpr,
+    V_STOCHASTIC: tl.constexpr, BLOCK: tl.constexpr, BLOCKS: tl.constexpr, ROWS: tl.constexpr,
+    SCALE_GROUP: tl.constexpr, STEPS: tl.constexpr, KIND: tl.constexpr, MANTISSA: tl.constexpr,
+    BIAS: tl.constexpr, FORMAT_MAX: tl.constexpr, WEIGHT_STOCHASTIC: tl.constexpr, ECO: tl.constexpr,
+    FLOAT_STATES: tl.constexpr,
 ):
     """The step of a weight of KIND codes (WEIGHT_FLOAT8 with MANTISSA and BIAS, WEIGHT_INT8, or
     WEIGHT_INT4: value + 8, two per byte) over ``blocks_per_program`` (at most BLOCKS) whole blocks
@@ -365,19 +407,17 @@ def _adamw_weight_kernel(
         tl.store(v_codes_ptr + index, v, mask=real)
     else:
         _encode_states(m, v, index, block, has_block, real, numel, n_blocks, m_codes_ptr, m_scales_ptr,
-                       mids_ptr, v_codes_ptr, v_scales_ptr, quantile, v_key, M_BITS, V_BITS, V_STOCHASTIC,
-                       BLOCK, BLOCKS, STEPS)
+                       levels_ptr, mids_ptr, v_codes_ptr, v_scales_ptr, quantile, m_key, v_key, M_BITS,
+                       M_STOCHASTIC, V_BITS, V_STOCHASTIC, BLOCK, BLOCKS, STEPS)
 
 
 def supported(m_format: StateFormat, v_format: StateFormat) -> bool:
-    """Whether this kernel steps states stored in ``m_format`` and ``v_format``: m a 2- or 4-bit
-    codebook rounded to nearest, v 2- or 4-bit logarithmic levels (either rounding), one
+    """Whether this kernel steps states stored in ``m_format`` and ``v_format``: m a 2- to 8-bit
+    codebook, v on 2- to 8-bit logarithmic levels, each rounded to nearest or stochastically, one
     power-of-two block size of at least 8."""
     block_size = m_format.block_size
-    return (m_format.quantized and m_format.kind != "log" and not m_format.stochastic
-            and m_format.bits in (2, 4) and v_format.quantized and v_format.kind == "log"
-            and v_format.bits in (2, 4) and v_format.block_size == block_size
-            and block_size >= 8 and block_size & (block_size - 1) == 0)
+    return (m_format.quantized and m_format.kind != "log" and v_format.quantized and v_format.kind == "log"
+            and v_format.block_size == block_size and block_size >= 8 and block_size & (block_size - 1) == 0)
 
 
 _tables: dict = {}  # (kind, bits, signed, device) -> the codebook's levels and midpoints
@@ -387,18 +427,19 @@ def _levels_and_mids(fmt: StateFormat, device: torch.device) -> tuple[torch.Tens
     key = (fmt.kind, fmt.bits, fmt.signed, device)
     if key not in _tables:
         levels = codebook(fmt.kind, fmt.bits, fmt.signed, device)
-        _tables[key] = (levels, (levels[1:] + levels[:-1]) / 2)  # as round_to_codebook computes them
+        _tables[key] = (levels, midpoints(levels))
     return _tables[key]
 
 
 def adamw_step(param: torch.Tensor, grad: torch.Tensor, state: dict, formats: dict[str, StateFormat],
-               scalars: dict, v_seed: int | None, maximize: bool) -> None:
+               scalars: dict, seeds: dict[str, int | None], maximize: bool) -> None:
     """One AdamW step of a contiguous float32 ``param`` with ``grad`` (float32, same shape) and the
     states ``state["exp_avg_*"]``, ``state["exp_avg_sq_*"]`` stored in ``formats`` (see
-    :func:`supported`); ``scalars`` as AdamW._scalars returns them, ``v_seed`` v's rounding seed."""
+    :func:`supported`); ``scalars`` as AdamW._scalars returns them, ``seeds`` the states' rounding
+    seeds by name."""
     numel = param.numel()
     blocks = -(-numel // formats["exp_avg"].block_size)
-    tensors, scalar_values, constants = _launch_arguments(state, formats, scalars, v_seed, param.device)
+    tensors, scalar_values, constants = _launch_arguments(state, formats, scalars, seeds, param.device)
     _adamw_step_kernel[(triton.cdiv(blocks, GROUP),)](
         param, grad, *tensors, numel, blocks, *scalar_values, MAXIMIZE=maximize, GROUP=GROUP, **constants,
     )
@@ -439,12 +480,18 @@ def weight_supported(weight: QuantizedWeight, m_format: StateFormat, v_format: S
             and (_float_states(m_format, v_format) or supported(m_format, v_format)))
 
 
-def _launch_arguments(state: dict, formats: dict[str, StateFormat], scalars: dict, v_seed: int | None,
-                      device: torch.device) -> tuple[list, list, dict]:
+def _key(seed: int | None) -> int:
+    """The kernels' noise key of a rounding seed (0 where there is none: rounded to nearest)."""
+    return 0 if seed is None else noise_key(seed)
+
+
+def _launch_arguments(state: dict, formats: dict[str, StateFormat], scalars: dict,
+                      seeds: dict[str, int | None], device: torch.device) -> tuple[list, list, dict]:
     """What both kernels take: the states' tensors (float32 states: m, v and m again where the
     kernels take no tensor), the scalars, the constants."""
     m_format, v_format = formats["exp_avg"], formats["exp_avg_sq"]
-    stochastic = v_format.quantized and v_format.stochastic and v_seed is not None
+    # a state is rounded stochastically where it has a seed (AdamW draws them for those only)
+    m_seed, v_seed = seeds["exp_avg"], seeds["exp_avg_sq"]
     if _float_states(m_format, v_format):
         m, v = state["exp_avg"], state["exp_avg_sq"]
         tensors = [m, m, m, m, v, m]
@@ -456,16 +503,17 @@ def _launch_arguments(state: dict, formats: dict[str, StateFormat], scalars: dic
         ]
     scalar_values = [
         scalars["decay"], 1 - scalars["beta1"], scalars["beta2"], 1 - scalars["beta2"], scalars["eps"],
-        1 / scalars["bias_correction2_sqrt"], -scalars["step_size"], v_format.quantile,
-        noise_key(v_seed) if stochastic else 0,
+        1 / scalars["bias_correction2_sqrt"], -scalars["step_size"], v_format.quantile, _key(m_seed),
+        _key(v_seed),
     ]
-    constants = dict(M_BITS=m_format.bits, V_BITS=v_format.bits, V_STOCHASTIC=stochastic,
-                     BLOCK=m_format.block_size, STEPS=QUANTILE_BISECTION_STEPS, enable_fp_fusion=False)
+    constants = dict(M_BITS=m_format.bits, M_STOCHASTIC=m_seed is not None, V_BITS=v_format.bits,
+                     V_STOCHASTIC=v_seed is not None, BLOCK=m_format.block_size,
+                     STEPS=QUANTILE_BISECTION_STEPS, enable_fp_fusion=False)
     return tensors, scalar_values, constants
 
 
 def adamw_weight_step(weight: QuantizedWeight, grad: torch.Tensor, state: dict,
-                      formats: dict[str, StateFormat], scalars: dict, v_seed: int | None,
+                      formats: dict[str, StateFormat], scalars: dict, seeds: dict[str, int | None],
                       weight_seed: int | None, eco: bool, maximize: bool) -> None:
     """One AdamW step of a QuantizedWeight (see :func:`weight_supported`) updated without a master
     copy: ECO (``eco``) or naive; stochastic rounding where ``weight_seed`` is given."""
@@ -477,11 +525,11 @@ def adamw_weight_step(weight: QuantizedWeight, grad: torch.Tensor, state: dict,
     scale_layout = _scale_group(weight, block_size)
     numel = weight.numel()
     blocks = -(-numel // block_size)
-    tensors, scalar_values, constants = _launch_arguments(state, formats, scalars, v_seed, weight.device)
+    tensors, scalar_values, constants = _launch_arguments(state, formats, scalars, seeds, weight.device)
     codes = weight.codes.view(torch.uint8) if fmt in FLOAT8_LAYOUTS else weight.codes  # int8, packed int4
     _adamw_weight_kernel[(triton.cdiv(blocks, blocks_per_program),)](
         codes, weight.scales, grad, *tensors, rows, cols, blocks_per_program, numel, blocks, *scalar_values,
-        0 if weight_seed is None else noise_key(weight_seed),
+        _key(weight_seed),
         scalars["eco_scale"], MAXIMIZE=maximize, BLOCKS=triton.next_power_of_2(blocks_per_program),
         ROWS=rows_per_program if scale_layout == 0 else 1, SCALE_GROUP=scale_layout,
         KIND=WEIGHT_KINDS[fmt], MANTISSA=mantissa, BIAS=bias, FORMAT_MAX=format_max(fmt),
