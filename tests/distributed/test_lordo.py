@@ -133,7 +133,8 @@ def test_bad_options_are_rejected():
                          (dict(full_rank_scale="max"), "full_rank_scale"), (dict(svd="qr"), "svd"),
                          (dict(moments_on_refresh="drop"), "moments_on_refresh"),
                          (dict(projection="peer"), "projection"), (dict(state_bits=5), "state_bits"),
-                         (dict(outer_lr=0.0), "outer_lr"), (dict(mu=0.0), "mu")]:
+                         (dict(outer_lr=0.0), "outer_lr"), (dict(mu=0.0), "mu"),
+                         (dict(block_size=0), "block_size"), (dict(seed=-1), "seed")]:
         with pytest.raises(ValueError, match=name):
             LoRDO(params, **kwargs)
 

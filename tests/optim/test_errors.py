@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import slimtrain as st
+from slimtrain.optim.lowrank import LowRankAdamW
 
 
 def param():
@@ -59,3 +60,25 @@ def test_sparse_gradient_is_refused_before_any_update():
     with pytest.raises(TypeError, match="sparse"):
         opt.step()
     assert torch.equal(dense, torch.ones(5000)) and len(opt.state) == 0
+
+
+def test_sgd_weight_update_default_follows_each_groups_momentum():
+    """weight_update=None: "eco" for a group with momentum, "naive" for one without, whatever the
+    constructor's momentum."""
+    def low_precision():
+        return st.QuantizedWeight.from_float(torch.randn(8, 32), st.WeightFormat("fp8_e4m3", "row"))
+
+    opt = st.SGD([{"params": [torch.nn.Parameter(low_precision())], "momentum": 0.0},
+                  {"params": [torch.nn.Parameter(low_precision())]}], lr=0.1, momentum=0.9)
+    assert [g["weight_update"] for g in opt.param_groups] == ["naive", "eco"]
+    opt = st.SGD([{"params": [torch.nn.Parameter(low_precision())], "momentum": 0.9}], lr=0.1)
+    assert opt.param_groups[0]["weight_update"] == "eco"
+
+
+def test_low_rank_adamw_refuses_other_dtypes_before_any_update():
+    first, second = torch.nn.Parameter(torch.ones(16, 8)), torch.nn.Parameter(torch.ones(16, 8).double())
+    first.grad, second.grad = torch.ones(16, 8), torch.ones(16, 8).double()
+    opt = LowRankAdamW([first, second], lr=0.1, rank=2)
+    with pytest.raises(TypeError, match="float32"):
+        opt.step()
+    assert torch.equal(first, torch.ones(16, 8)) and len(opt.state) == 0

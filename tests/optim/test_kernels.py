@@ -541,3 +541,12 @@ def test_kernel_search_refuses_tables_its_buckets_cannot_split():
     x, out = torch.zeros(8), torch.zeros(8, dtype=torch.int32)
     for table in (crowded, outside):
         assert library.search_lanes(table.data_ptr(), table.numel(), 8, x.data_ptr(), 0, out.data_ptr()) == 1
+
+
+def test_blocks_larger_than_the_kernel_takes_are_left_to_the_other_paths():
+    """block_size above kernels.MOST_BLOCK_SIZE is a valid option: the C kernel declines it (and
+    torch.compile or eager take the step) instead of failing after the states exist."""
+    param = torch.nn.Parameter(torch.randn(1000))
+    param.grad = torch.randn(1000)
+    assert kernels.layout_of(param, kernels.MOST_BLOCK_SIZE, None) == "blocks"
+    assert kernels.layout_of(param, 2 * kernels.MOST_BLOCK_SIZE, None) is None

@@ -94,6 +94,26 @@ def test_mismatched_configuration_is_refused_untouched():
         other.load_state_dict(torch.optim.AdamW(model.parameters()).state_dict())
 
 
+def test_a_bad_generator_state_is_refused_untouched():
+    model = make_model()
+    opt = st.AdamW(model.parameters(), state_bits=(4, 2), min_quantized_numel=0)
+    train(model, opt, batches(2))
+    saved = roundtrip(opt.state_dict())
+    other = st.AdamW(model.parameters(), state_bits=(4, 2), min_quantized_numel=0)
+    train(model, other, batches(1))
+    before = copy.deepcopy(other.state_dict())
+    for bad in (saved["rng_state"][:10], saved["rng_state"].float()):
+        with pytest.raises(ValueError, match="rng_state"):
+            other.load_state_dict({**saved, "rng_state": bad})
+    with pytest.raises(ValueError, match="parameter 99"):
+        other.load_state_dict({**saved, "state": {**saved["state"], 99: saved["state"][0]}})
+    after = other.state_dict()
+    assert torch.equal(after["rng_state"], before["rng_state"])
+    for index, values in before["state"].items():
+        for key, value in values.items():
+            assert torch.equal(after["state"][index][key], value)
+
+
 def test_state_of_a_different_model_is_refused():
     model = make_model()
     opt = st.AdamW(model.parameters(), state_bits=(4, 2), min_quantized_numel=0)
@@ -113,5 +133,7 @@ def test_deepcopy_and_add_param_group():
     train(model, opt, batches(2))
     clone = copy.deepcopy(opt)
     assert clone.state_dict()["param_groups"] == opt.state_dict()["param_groups"]
+    group = {"params": (torch.nn.Parameter(torch.zeros(3)),), "state_bits": 5}
     with pytest.raises(ValueError, match="state_bits"):
-        opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(3))], "state_bits": 5})
+        opt.add_param_group(group)
+    assert set(group) == {"params", "state_bits"} and isinstance(group["params"], tuple)  # as it was

@@ -19,7 +19,7 @@ from slimtrain.train.plan import (
     plan_table,
     static_memory,
 )
-from slimtrain.train.recipes import RECIPES
+from slimtrain.train.recipes import RECIPES, Recipe
 
 # tiny GPT: embedding 256x64, qkv 192x64, MLP 256x64 and 64x256 exceed min_quantized_numel (4096),
 # proj 64x64 sits exactly at it, biases and norms stay below; widths are multiples of 32 (INT4)
@@ -144,3 +144,8 @@ def test_unknown_architecture_names_accepted_values():
         plan_table("gpt-9")
     for name in [*PUBLISHED, "gpt-tiny"]:
         assert name in str(error.value)
+
+
+def test_a_recipe_with_an_unknown_method_is_refused():
+    with pytest.raises(ValueError, match=r"method must be one of \('adamw', 'ddp'"):
+        Recipe("mine", "a typo", method="lordoo")

@@ -11,6 +11,7 @@ from torch import nn
 
 import slimtrain as st
 from slimtrain.quant.formats import WEIGHT_FORMATS, dequantize_weight, format_max, quantize_weight
+from slimtrain.train.models import GPT, GPT_SIZES
 
 
 class Tiny(nn.Module):
@@ -110,3 +111,11 @@ def test_bad_conversion_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         st.quantize_weights_(model, **kwargs)
     assert not any(isinstance(p, st.QuantizedWeight) for p in model.parameters())
+
+
+def test_exclude_patterns_may_name_modules_other_than_linears():
+    """DESIGN's example: "norm" and "embed" name no nn.Linear of the GPT, but modules of it."""
+    model = GPT(GPT_SIZES["tiny"])
+    converted = st.quantize_weights_(model, exclude=("embed", "head", "norm"))
+    assert converted and not any("norm" in name or "head" in name for name in converted)
+    assert converted == st.quantize_weights_(GPT(GPT_SIZES["tiny"]))

@@ -52,14 +52,6 @@ class Collectives:
             dist.all_reduce(value, op=dist.ReduceOp.MAX, group=self.group)
         return bool(value.item())
 
-    def broadcast_(self, tensor: torch.Tensor, source: int, purpose: str) -> torch.Tensor:
-        """Replace ``tensor`` by rank ``source``'s (in place); only ``source`` sends."""
-        if self.rank == source:
-            self.count(tensor, purpose)
-        if self.world_size > 1:
-            dist.broadcast(tensor, src=source, group=self.group)
-        return tensor
-
     def ddp_comm_hook(self, state: Any, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
         """A DistributedDataParallel communication hook: the usual gradient all-reduce (mean),
         counted as purpose "gradients". Register with ``ddp.register_comm_hook(None, hook)``."""

@@ -25,10 +25,14 @@ import torch
 
 from slimtrain.distributed.comm import Collectives
 from slimtrain.optim.base import (
+    as_pair,
     check_adam_options,
+    check_block_size,
     check_choice,
     check_number,
+    checked_generator,
     load_state_uncast,
+    resolve_seed,
     run_closure,
 )
 from slimtrain.optim.lowrank import (
@@ -54,8 +58,9 @@ class RoundsOptimizer(torch.optim.Optimizer):
 
     Subclasses define :meth:`local_step`. ``clip``: global gradient-norm clipping of the local
     gradient (None: off). ``process_group``: the workers (default: torch.distributed's default
-    group; a single worker when torch.distributed is not initialized). Bytes sent are counted
-    in ``self.collectives.sent``.
+    group; a single worker when torch.distributed is not initialized). ``seed``: of the
+    stochastic rounding, offset by the rank (None: ``torch.initial_seed()``). Bytes sent are
+    counted in ``self.collectives.sent``.
     """
 
     def __init__(
@@ -67,10 +72,11 @@ class RoundsOptimizer(torch.optim.Optimizer):
         outer_momentum: float,
         clip: float | None,
         process_group: Any,
-        seed: int,
+        seed: int | None,
         anchor: str = "float32",
     ) -> None:
         check_adam_options(defaults["lr"], defaults["betas"], defaults["eps"], defaults["weight_decay"])
+        seed = resolve_seed(seed)
         check_choice("anchor", anchor, ANCHORS)
         if anchor == "eco" and outer_momentum <= 0:
             raise ValueError("anchor='eco' feeds the anchor's rounding error into the outer momentum: "
@@ -213,9 +219,10 @@ class RoundsOptimizer(torch.optim.Optimizer):
         for key in ("local_steps", "rounds", "rng_state"):
             if key not in state_dict:
                 raise ValueError(f"state_dict lacks {key!r}: it was not saved by {type(self).__name__}")
+        generator = checked_generator(state_dict["rng_state"])
         load_state_uncast(self, state_dict)
         self.local_steps, self.rounds = int(state_dict["local_steps"]), int(state_dict["rounds"])
-        self._generator.set_state(state_dict["rng_state"])
+        self._generator = generator
 
 
 class DiLoCo(RoundsOptimizer):
@@ -235,7 +242,7 @@ class DiLoCo(RoundsOptimizer):
         outer_momentum: float = 0.9,
         clip: float | None = 1.0,
         process_group: Any = None,
-        seed: int = 0,
+        seed: int | None = 0,
         anchor: str = "float32",
     ) -> None:
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
@@ -296,10 +303,10 @@ class LoRDO(RoundsOptimizer):
         moments_on_refresh: str = "keep",
         svd: str = "full",
         projection: str = "global",
-        state_bits: tuple[int, int] = (32, 32),
+        state_bits: int | tuple[int, int] = (32, 32),
         block_size: int = 128,
         low_rank: bool = True,
-        seed: int = 0,
+        seed: int | None = 0,
         anchor: str = "float32",
     ) -> None:
         check_low_rank_options(rank, svd, moments_on_refresh)
@@ -307,9 +314,8 @@ class LoRDO(RoundsOptimizer):
         check_number("mu", mu, 0.0, math.inf, low_open=True)
         check_choice("full_rank_scale", full_rank_scale, FULL_RANK_SCALES)
         check_choice("projection", projection, PROJECTIONS)
-        state_bits = (state_bits, state_bits) if isinstance(state_bits, int) else tuple(state_bits)
-        for bits in state_bits:
-            check_choice("state_bits", bits, tuple(b for b in STATE_BITS if b != 16))
+        check_block_size(block_size)
+        state_bits = as_pair("state_bits", state_bits, tuple(b for b in STATE_BITS if b != 16))
         defaults = dict(lr=lr, rank=rank, omega=omega, mu=mu, betas=tuple(betas), eps=eps,
                         weight_decay=weight_decay, low_rank=low_rank)
         super().__init__(params, defaults, sync_every, outer_lr, outer_momentum, clip, process_group, seed,

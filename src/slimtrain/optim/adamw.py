@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 from functools import partial
 from typing import Any
 
@@ -66,7 +65,7 @@ class AdamW(LowBitOptimizer):
         state_maps: level maps of (m, v) below 16 bits. m: "dynamic" (dynamic exponent) or
             "linear"; v: "log" (SOLO's logarithmic levels), "dynamic" or "linear".
         state_rounding: rounding of (m, v) when encoded: "nearest" or "stochastic".
-        block_size: elements per quantization scale (>= 8). quantile: p of the log map.
+        block_size: elements per quantization scale (a multiple of 8). quantile: p of the log map.
         min_quantized_numel: tensors with fewer elements keep float32 states.
         beta1_policy: "scaled" lowers beta1 for low-bit m so that its quantization noise matches
             that of ``betas[0]`` at ``beta1_reference_bits`` bits (SOLO); "fixed" keeps betas[0].
@@ -79,9 +78,11 @@ class AdamW(LowBitOptimizer):
             fused AdamW kernel; on the CPU, float32 parameters with quantized states and FP8/INT8/INT4
             weights with row or group scales ("eco" or "naive" updates) through a hand-written C
             kernel (one pass over each tensor, built once per machine, the same bits as the eager step);
-            on other devices float32 parameters with quantized states go through
-            ``torch.compile`` (one pass per chunk of 2^20 elements, compiled once per state format
-            and shape family). Everything else, and ``compile=False``, runs as eager torch code.
+            on CUDA, SOLO states of float32 parameters and of those weights through hand-written
+            Triton kernels (the same bits as the eager step). Other quantized states go through
+            ``torch.compile`` (one pass per chunk of 2^20 elements on the CPU, 2^24 elsewhere;
+            compiled once per state format and shape family). Everything else, and
+            ``compile=False``, runs as eager torch code.
         seed: seed of the stochastic-rounding generator (saved in ``state_dict``); default
             ``torch.initial_seed()``.
     """
@@ -156,27 +157,18 @@ class AdamW(LowBitOptimizer):
             return False
         if weight_update is None and not any(f.quantized for f in formats.values()):
             return torch_fused_step(param, state, group, maximize)
-        block_size = formats["exp_avg"].block_size
         if param.device.type in kernels.TRITON_DEVICES and self._triton_step(
                 param, formats, state, scalars, seeds, options, weight_seed):
             return True
-        layout = kernels.layout_of(param, block_size, weight_update)
-        library = kernels.cpu_kernels() if layout else None
-        if library is None:
-            return False
-        keep_alive: list = []  # what the kernel reads, alive until it returns
-        m, v = (kernels.state_args(state, name, formats[name], seeds[name], keep_alive)
-                for name in ("exp_avg", "exp_avg_sq"))
-        constants = ctypes.byref(kernels.AdamWScalars(
+        constants = kernels.AdamWScalars(
             decay=scalars["decay"], lerp_weight=1 - scalars["beta1"], beta2=scalars["beta2"],
             one_minus_beta2=1 - scalars["beta2"], eps=scalars["eps"],
             inverse_bias_correction2_sqrt=1 / scalars["bias_correction2_sqrt"],
             neg_step_size=-scalars["step_size"], maximize=int(maximize),
-        ))
-        kernels.run_step((library.adamw_step_blocks, library.adamw_step_weight_rows), layout, param,
-                         block_size, weight_update, weight_seed, scalars["eco_scale"], ctypes.byref(m),
-                         ctypes.byref(v), constants)
-        return True
+        )
+        in_order = {name: formats[name] for name in ("exp_avg", "exp_avg_sq")}
+        return kernels.c_kernel_step(param, ("adamw_step_blocks", "adamw_step_weight_rows"), state, in_order,
+                                     seeds, weight_update, weight_seed, scalars["eco_scale"], constants)
 
     @staticmethod
     def _triton_step(param: torch.Tensor, formats: dict[str, StateFormat], state: dict,

@@ -35,6 +35,23 @@ def check_choice(name: str, value: Any, accepted: Iterable[Any]) -> None:
         raise ValueError(f"{name} must be one of {accepted}, got {value!r}")
 
 
+def resolve_seed(seed: int | None) -> int:
+    """The stochastic-rounding seed of an optimizer: ``seed``, or ``torch.initial_seed()`` for None
+    (following torch.manual_seed without consuming the global stream)."""
+    if seed is None:
+        return torch.initial_seed()
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer or None, got {seed!r}")
+    return seed
+
+
+def check_block_size(size: Any) -> None:
+    """Raise ValueError unless ``size`` (elements per quantization scale) is a positive multiple
+    of 8."""
+    if not isinstance(size, int) or isinstance(size, bool) or size < 8 or size % 8:
+        raise ValueError(f"block_size must be a positive multiple of 8, got {size!r}")
+
+
 def check_number(name: str, value: Any, low: float = 0.0, high: float = math.inf,
                  high_open: bool = False, low_open: bool = False) -> None:
     """Raise ValueError unless ``value`` is a real number in [low, high] (open ends on request)."""
@@ -86,29 +103,24 @@ class LowBitOptimizer(torch.optim.Optimizer):
     state_signed: tuple[bool, ...] = ()
 
     def __init__(self, params: Any, defaults: dict[str, Any], seed: int | None) -> None:
-        if seed is not None and (not isinstance(seed, int) or seed < 0):
-            raise ValueError(f"seed must be a non-negative integer or None, got {seed!r}")
+        seed = resolve_seed(seed)
         super().__init__(params, defaults)
-        if seed is None:  # follow torch.manual_seed without consuming the global stream
-            seed = torch.initial_seed()
         self._generator = torch.Generator(device="cpu").manual_seed(seed)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a group (as torch does) after checking and normalizing its options."""
+        """Add a group (as torch does) after checking and normalizing its options; the caller's
+        dict is left as it was."""
         params = param_group["params"]
-        param_group["params"] = [params] if torch.is_tensor(params) else list(params)
-        group = {**self.defaults, **param_group}
+        params = [params] if torch.is_tensor(params) else list(params)
+        group = {**self.defaults, **param_group, "params": params}
         self._check_group(group)
-        param_group.update({k: v for k, v in group.items() if k != "params"})
-        super().add_param_group(param_group)
+        super().add_param_group(group)
 
     def _check_group(self, group: dict[str, Any]) -> None:
         """Raise ValueError for a bad option of ``group``; normalize tuple-valued options in place."""
         check_number("lr", group["lr"])
         check_number("weight_decay", group["weight_decay"])
-        size = group["block_size"]
-        if not isinstance(size, int) or size < 8 or size % 8:
-            raise ValueError(f"block_size must be a positive multiple of 8, got {size!r}")
+        check_block_size(group["block_size"])
         check_choice("compile", group["compile"], (True, False))
         check_choice("weight_update", group["weight_update"], WEIGHT_UPDATES)
         check_choice("rounding", group["rounding"], ROUNDING_MODES)
@@ -299,10 +311,14 @@ class LowBitOptimizer(torch.optim.Optimizer):
             index_to_param.update(zip(saved["params"], group["params"], strict=True))
         group_of = {id(p): g for g in self.param_groups for p in g["params"]}
         for index, values in state_dict["state"].items():
+            if index not in index_to_param:
+                raise ValueError(f"state_dict has a state for parameter {index!r}, "
+                                 "which no param group lists")
             param = index_to_param[index]
             self._check_saved_state(index, values, group_of[id(param)], param)
+        generator = checked_generator(state_dict["rng_state"])
         load_state_uncast(self, state_dict)
-        self._generator.set_state(state_dict["rng_state"])
+        self._generator = generator
 
     def _check_saved_state(self, index: int, values: dict, group: dict, param: torch.Tensor) -> None:
         expected = {"step": ((), torch.float32)}
@@ -314,6 +330,16 @@ class LowBitOptimizer(torch.optim.Optimizer):
                 f"state of parameter {index} does not match this optimizer's configuration: "
                 f"expected {expected}, found {found}"
             )
+
+
+def checked_generator(rng_state: Any) -> torch.Generator:
+    """A CPU generator in the saved state ``rng_state`` (ValueError if it is not one)."""
+    generator = torch.Generator(device="cpu")
+    try:
+        generator.set_state(rng_state)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"state_dict's rng_state is not the state of a CPU generator: {error}") from None
+    return generator
 
 
 def load_state_uncast(optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]) -> None:

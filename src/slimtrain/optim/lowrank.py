@@ -35,8 +35,9 @@ def top_singular_vectors(
 
     "full": torch.linalg.svd. "randomized": a range finder (Halko et al.) with
     RANDOMIZED_OVERSAMPLING extra columns and RANDOMIZED_POWER_ITERATIONS power iterations, its
-    Gaussian test matrix drawn from ``generator`` (so every rank can draw the same one).
-    Deterministic for a given input on a given device.
+    Gaussian test matrix drawn from ``generator`` (so every rank can draw the same one; None:
+    torch's global generator). Deterministic for a given input on a given device ("randomized":
+    and a given generator state).
     """
     matrix = matrix.float()
     if method == "full":
@@ -207,17 +208,17 @@ class LowRankAdamW(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
         loss = run_closure(closure)
-        for group in self.param_groups:
-            for param in group["params"]:
-                if param.grad is None:
-                    continue
-                if param.dtype != torch.float32:
-                    raise TypeError(f"LowRankAdamW updates float32 parameters, got {param.dtype}")
-                state = self.state[param]
-                if is_low_rank(param, group):
-                    self._low_rank_step(param, param.grad, state, group)
-                else:
-                    local_adamw_(param, param.grad, state, group)
+        stepped = [(param, group) for group in self.param_groups for param in group["params"]
+                   if param.grad is not None]
+        for param, _ in stepped:  # before any parameter is updated
+            if param.dtype != torch.float32:
+                raise TypeError(f"LowRankAdamW updates float32 parameters, got {param.dtype}")
+        for param, group in stepped:
+            state = self.state[param]
+            if is_low_rank(param, group):
+                self._low_rank_step(param, param.grad, state, group)
+            else:
+                local_adamw_(param, param.grad, state, group)
         return loss
 
     @staticmethod

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 from typing import Any
 
 import torch
@@ -82,14 +81,16 @@ class SGD(LowBitOptimizer):
             nesterov=nesterov, maximize=maximize, state_bits=state_bits,
             state_maps=state_maps, state_rounding=state_rounding, block_size=block_size,
             quantile=0.1, min_quantized_numel=min_quantized_numel, compile=compile,
-            weight_update=weight_update or ("eco" if momentum > 0 else "naive"), rounding=rounding,
+            weight_update=weight_update, rounding=rounding,
             eco_decay_correction=False,
         )
         super().__init__(params, defaults, seed)
 
     def _check_group(self, group: dict[str, Any]) -> None:
-        super()._check_group(group)
         check_number("momentum", group["momentum"], 0.0, 1.0, high_open=True)
+        if group["weight_update"] is None:  # each group's default follows its own momentum
+            group["weight_update"] = "eco" if group["momentum"] > 0 else "naive"
+        super()._check_group(group)
         check_number("dampening", group["dampening"], 0.0, 1.0)
         if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
             raise ValueError("nesterov=True requires momentum > 0 and dampening = 0")
@@ -139,18 +140,11 @@ class SGD(LowBitOptimizer):
             return torch_fused_step(param, state, scalars, maximize)
         if fmt is None or not kernels.supported(fmt):
             return False
-        layout = kernels.layout_of(param, fmt.block_size, weight_update)
-        library = kernels.cpu_kernels() if layout else None
-        if library is None:
-            return False
-        keep_alive: list = []  # what the kernel reads, alive until it returns
-        buffer = kernels.state_args(state, "momentum_buffer", fmt, seeds["momentum_buffer"], keep_alive)
-        constants = ctypes.byref(kernels.SGDScalars(
+        constants = kernels.SGDScalars(
             neg_lr=-scalars["lr"], momentum=scalars["momentum"],
             one_minus_dampening=1 - scalars["dampening"], weight_decay=scalars["weight_decay"],
             nesterov=int(scalars["nesterov"]), maximize=int(maximize), first=int(state["step"].item() == 1),
-        ))
-        kernels.run_step((library.sgd_step_blocks, library.sgd_step_weight_rows), layout, param,
-                         fmt.block_size, weight_update, weight_seed, scalars["eco_scale"],
-                         ctypes.byref(buffer), constants)
-        return True
+        )
+        return kernels.c_kernel_step(param, ("sgd_step_blocks", "sgd_step_weight_rows"), state,
+                                     {"momentum_buffer": fmt}, seeds, weight_update, weight_seed,
+                                     scalars["eco_scale"], constants)

@@ -4,7 +4,8 @@ A state named ``name`` of a parameter lives in the optimizer's per-parameter dic
 - 32 bits: ``state[name]``, float32, the parameter's shape;
 - 16 bits: ``state[name]``, bfloat16, the parameter's shape;
 - 8/4/3/2 bits: ``state[name + "_codes"]`` (uint8, bit-packed codes) and ``state[name + "_scales"]``
-  (float32: one absmax per block for signed maps, (max, x_p) per block for the logarithmic map).
+  (float32: one absmax per block for the dynamic and linear maps, (max, x_p) per block for the
+  logarithmic map).
 All are plain tensors, so ``torch.save`` / ``torch.load(weights_only=True)`` round-trip them.
 """
 
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from slimtrain.quant import (
+    CODEBOOK_KINDS,
     block_count,
     codebook,
     dequantize_absmax,
@@ -27,8 +29,8 @@ from slimtrain.quant import (
 )
 
 STATE_BITS = (32, 16, 8, 4, 3, 2)
-SIGNED_MAPS = ("dynamic", "linear")
-UNSIGNED_MAPS = ("log", "dynamic", "linear")
+SIGNED_MAPS = CODEBOOK_KINDS  # ("dynamic", "linear")
+UNSIGNED_MAPS = ("log", *CODEBOOK_KINDS)
 
 
 @dataclass(frozen=True)

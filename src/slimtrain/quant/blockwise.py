@@ -133,12 +133,19 @@ def quantize_log(
     top = blocks.amax(dim=1)
     bottom = block_quantile(blocks, numel, quantile)
     last = 2**bits - 1
-    log_top = log2(torch.where(top > 0, top, 1.0))
-    step = (log_top - log2(torch.where(top > 0, bottom, 1.0))) / last  # log2 units per level
+    log_top, step = _log_levels(top, bottom, bits)
     levels_per_octave = torch.where(step > 0, 1.0 / step, 0.0)
     exponent = (log_top[:, None] - log2(blocks.clamp(min=_TINY))) * levels_per_octave[:, None]
     codes = round_stochastic(exponent, _noise_like(blocks, seed, noise_start)).clamp(0, last)
     return pack(codes.to(torch.uint8), bits), torch.stack([top, bottom], dim=1)
+
+
+def _log_levels(top: torch.Tensor, bottom: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log2 of the top level, log2 units per level) of log-map blocks with levels from ``top``
+    down to ``bottom`` (float32, same shape; an all-zero block, top 0, gets (0, 0))."""
+    positive = top > 0
+    log_top = log2(torch.where(positive, top, 1.0))
+    return log_top, (log_top - log2(torch.where(positive, bottom, 1.0))) / (2**bits - 1)
 
 
 def dequantize_log(
@@ -147,8 +154,6 @@ def dequantize_log(
     """Inverse of :func:`quantize_log`: a flat float32 tensor of ``numel`` elements."""
     indices = _unpack_blocks(codes, bits, scales.shape[0], block_size).float()
     top, bottom = scales[:, 0:1], scales[:, 1:2]
-    positive = top > 0
-    log_top = log2(torch.where(positive, top, 1.0))
-    step = (log_top - log2(torch.where(positive, bottom, 1.0))) / (2**bits - 1)
+    log_top, step = _log_levels(top, bottom, bits)
     values = exp2(log_top - step * indices)
-    return torch.where(positive, values, 0.0).reshape(-1)[:numel]
+    return torch.where(top > 0, values, 0.0).reshape(-1)[:numel]

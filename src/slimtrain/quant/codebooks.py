@@ -14,10 +14,10 @@ CODEBOOK_BITS = (2, 3, 4, 5, 6, 7, 8)
 CODEBOOK_KINDS = ("dynamic", "linear")
 
 
-def check_bits(bits: int, name: str = "bits") -> None:
+def check_bits(bits: int) -> None:
     """Raise ValueError unless ``bits`` is a supported code width."""
     if bits not in CODEBOOK_BITS:
-        raise ValueError(f"{name} must be one of {CODEBOOK_BITS}, got {bits!r}")
+        raise ValueError(f"bits must be one of {CODEBOOK_BITS}, got {bits!r}")
 
 
 def _dynamic_exponent_levels(bits: int, signed: bool) -> list[float]:

@@ -37,8 +37,8 @@ def _scales(w: torch.Tensor, fmt: str, granularity: str, group_size: int) -> tor
     return absmax / format_max(fmt)
 
 
-def _expand(scales: torch.Tensor, shape: torch.Size, granularity: str, group_size: int) -> torch.Tensor:
-    """Scales broadcast to the weight's (rows, cols) shape."""
+def _expand(scales: torch.Tensor, granularity: str, group_size: int) -> torch.Tensor:
+    """Scales shaped to broadcast against the weight's (rows, cols)."""
     if granularity == "tensor":
         return scales.reshape(1, 1)
     if granularity == "row":
@@ -74,7 +74,7 @@ def quantize_weight(
             return w.to(torch.bfloat16), w.new_empty(0)
         return _bfloat16_stochastic(w, noise), w.new_empty(0)
     scales = _scales(w, fmt, granularity, group_size)
-    expanded = _expand(scales, w.shape, granularity, group_size)
+    expanded = _expand(scales, granularity, group_size)
     y = w / torch.where(expanded > 0, expanded, 1.0)
     if fmt in _FLOAT8:
         limit = format_max(fmt)
@@ -104,7 +104,7 @@ def dequantize_weight(
     if fmt == "bf16":
         return codes.float()
     values = (unpack(codes, 4, shape.numel()).view(shape) - 8) if fmt == "int4" else codes
-    return values.float() * _expand(scales, shape, granularity, group_size)
+    return values.float() * _expand(scales, granularity, group_size)
 
 
 def weight_storage_bytes(fmt: str, granularity: str, group_size: int, rows: int, cols: int) -> int:

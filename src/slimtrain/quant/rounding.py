@@ -16,12 +16,6 @@ _MASK32 = 0xFFFFFFFF
 _MIX = 0x45D9F3B  # odd multiplier of a well-mixing 32-bit integer hash
 
 
-def check_rounding(rounding: str, name: str = "rounding") -> None:
-    """Raise ValueError unless ``rounding`` is ``"nearest"`` or ``"stochastic"``."""
-    if rounding not in ROUNDING_MODES:
-        raise ValueError(f"{name} must be one of {ROUNDING_MODES}, got {rounding!r}")
-
-
 def draw_seed(generator: torch.Generator | None) -> int:
     """One seed in [0, 2^31) from ``generator`` (the global CPU generator when None)."""
     return int(torch.randint(0, 2**31 - 1, (), generator=generator, device="cpu"))

@@ -64,6 +64,10 @@ class Recipe:
     adamw_options: tuple[tuple[str, Any], ...] = ()
     beta1: float | None = None
 
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+
     @property
     def distributed(self) -> bool:
         """Whether the recipe communicates between workers (needs torch.distributed)."""
@@ -158,7 +162,6 @@ RECIPES: dict[str, Recipe] = {
                lordo_options=(("anchor", "eco"),)),
     ]
 }
-SINGLE_WORKER_RECIPES = tuple(name for name, r in RECIPES.items() if not r.distributed)
 DEFAULT_RECIPE = "slim"
 
 

@@ -11,16 +11,17 @@ from slimtrain.quant.formats import GRANULARITIES, GROUP_SIZES, WEIGHT_FORMATS
 from slimtrain.weights.linear import QuantizedLinear
 from slimtrain.weights.tensor import QuantizedWeight, WeightFormat
 
-DEFAULT_EXCLUDE = ("embed", "head", "lm_head")
+DEFAULT_EXCLUDE = ("embed", "head")  # substrings: "lm_head" too
+# bfloat16 weights need no scale: their granularity is ignored
 _GRANULARITIES_OF = {"fp8_e4m3": ("tensor", "row"), "fp8_e5m2": ("tensor", "row"),
-                     "int8": ("tensor", "row"), "int4": GRANULARITIES, "bf16": ("tensor",)}
+                     "int8": ("tensor", "row"), "int4": GRANULARITIES}
 
 
 def _check(fmt: str, granularity: str, group_size: int) -> None:
     if fmt not in WEIGHT_FORMATS:
         raise ValueError(f"fmt must be one of {WEIGHT_FORMATS}, got {fmt!r}")
-    accepted = _GRANULARITIES_OF[fmt]
-    if granularity not in accepted and not (fmt == "bf16"):
+    accepted = _GRANULARITIES_OF.get(fmt, (granularity,))
+    if granularity not in accepted:
         raise ValueError(f"granularity for {fmt} must be one of {accepted}, got {granularity!r}")
     if granularity == "group" and group_size not in GROUP_SIZES:
         raise ValueError(f"group_size must be one of {GROUP_SIZES}, got {group_size!r}")
@@ -36,17 +37,23 @@ def quantize_weights_(
     A layer is converted when its module name contains one of ``include`` (every layer when
     None) and none of ``exclude`` (default: embeddings and output heads). Norms, embeddings and
     biases are never converted. Returns the converted module names. Raises ValueError (before
-    converting anything) for an unknown format, granularity or group size, a user pattern that
-    matches no nn.Linear, or a layer whose width is not a multiple of ``group_size``.
+    converting anything) for an unknown format, granularity or group size, an ``include`` pattern
+    that matches no nn.Linear, an ``exclude`` pattern (other than the default's) that matches no
+    module, or a layer whose width is not a multiple of ``group_size``.
     """
     _check(fmt, granularity, group_size)
     format = WeightFormat(fmt, "tensor" if fmt == "bf16" else granularity, group_size)
     linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
-    user_patterns = list(include or []) + ([] if exclude is DEFAULT_EXCLUDE else list(exclude))
-    for pattern in user_patterns:
+    for pattern in include or []:
         if not any(pattern in name for name in linears):
-            raise ValueError(f"pattern {pattern!r} matches no nn.Linear module; their names are "
+            raise ValueError(f"include pattern {pattern!r} matches no nn.Linear module; their names are "
                              f"{sorted(linears)}")
+    if tuple(exclude) != DEFAULT_EXCLUDE:  # the default may match nothing; a user's typo may not
+        names = [name for name, _ in model.named_modules() if name]
+        for pattern in exclude:
+            if not any(pattern in name for name in names):
+                raise ValueError(f"exclude pattern {pattern!r} matches no module; their names are "
+                                 f"{names}")
     chosen = [
         name for name, module in linears.items()
         if (include is None or any(p in name for p in include))

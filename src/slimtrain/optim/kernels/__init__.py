@@ -27,7 +27,7 @@ import torch
 
 from slimtrain.optim.state import StateFormat
 from slimtrain.paths import cache_dir
-from slimtrain.quant import codebook
+from slimtrain.quant import block_count, codebook
 from slimtrain.quant.formats import format_max
 from slimtrain.quant.rounding import midpoints, noise_key
 from slimtrain.weights.tensor import QuantizedWeight, WeightFormat, is_low_precision
@@ -295,10 +295,14 @@ def weight_args(weight: QuantizedWeight, seed: int | None, eco: bool, eco_scale:
     )
 
 
+MOST_BLOCK_SIZE = 65536  # the largest block the C kernels' workspace takes
+
+
 def layout_of(param: torch.Tensor, block_size: int, weight_update: str | None) -> str | None:
     """How the CPU kernels step ``param`` (its gradient float32): "weight" (a QuantizedWeight whose
-    format and shape they support), "blocks" (a contiguous float32 tensor), or None (they do not)."""
-    if param.device.type != "cpu" or param.grad.dtype != torch.float32:
+    format and shape they support), "blocks" (a contiguous float32 tensor), or None (they do not,
+    or the block is larger than MOST_BLOCK_SIZE)."""
+    if param.device.type != "cpu" or param.grad.dtype != torch.float32 or block_size > MOST_BLOCK_SIZE:
         return None
     if isinstance(param, QuantizedWeight) and weight_supported(param.format, param.shape, block_size,
                                                                 weight_update):
@@ -308,20 +312,31 @@ def layout_of(param: torch.Tensor, block_size: int, weight_update: str | None) -
     return "blocks"
 
 
-def run_step(kernels: tuple[Callable[..., int], Callable[..., int]], layout: str, param: torch.Tensor,
-             block_size: int, weight_update: str | None, weight_seed: int | None, eco_scale: float,
-             *args: Any) -> None:
-    """Step ``param`` laid out as :func:`layout_of` says with ``kernels`` (the blocks one, the
-    weight one), ``args`` following the gradient (the states and the scalars)."""
+def c_kernel_step(param: torch.Tensor, kernel_names: tuple[str, str], state: dict,
+                  formats: dict[str, StateFormat], seeds: dict[str, int | None], weight_update: str | None,
+                  weight_seed: int | None, eco_scale: float, scalars: ctypes.Structure) -> bool:
+    """Step ``param`` in the C kernels named ``kernel_names`` (the blocks one, the weight one) with
+    its states stored in ``formats`` (in the kernel's order, one block size) and the rule's
+    ``scalars``; False, touching nothing, where they do not take it (see :func:`layout_of`) or
+    could not be built."""
+    block_size = next(iter(formats.values())).block_size
+    layout = layout_of(param, block_size, weight_update)
+    library = cpu_kernels() if layout else None
+    if library is None:
+        return False
+    keep_alive: list = []  # what the kernel reads, alive until it returns
+    args = [ctypes.byref(state_args(state, name, fmt, seeds[name], keep_alive))
+            for name, fmt in formats.items()] + [ctypes.byref(scalars)]
     grad = param.grad.contiguous()
-    blocks_kernel, weight_kernel = kernels
+    blocks_kernel, weight_kernel = (getattr(library, name) for name in kernel_names)
     if layout == "weight":
         weight = weight_args(param, weight_seed, weight_update == "eco", eco_scale)
         per_unit = rows_per_unit(param.shape[1], block_size)
         run_blocks(weight_kernel, per_unit, block_size, ctypes.byref(weight), grad.data_ptr(), *args,
-                   units=-(-param.shape[0] // per_unit))
+                   units=block_count(param.shape[0], per_unit))
     else:
         run_blocks(blocks_kernel, param.numel(), block_size, param.data_ptr(), grad.data_ptr(), *args)
+    return True
 
 
 MIN_BLOCKS_PER_THREAD = 64
@@ -333,8 +348,8 @@ def run_blocks(kernel: Callable[..., int], size: int, block_size: int, *args: An
     ``size`` elements, or over ``units`` units of ``size`` elements (weight rows: ``size`` is then
     rows per unit); the kernel splits them across ``threads`` (``torch.get_num_threads()``, fewer
     for small tensors) OpenMP threads, torch's own. ctypes releases the GIL during the call."""
-    blocks = -(-size // block_size) if units is None else units * size // block_size
-    units = -(-size // block_size) if units is None else units
+    blocks = block_count(size, block_size) if units is None else units * size // block_size
+    units = block_count(size, block_size) if units is None else units
     threads = max(1, min(torch.get_num_threads(), blocks // MIN_BLOCKS_PER_THREAD, units))
     status = kernel(threads, size, block_size, 0, units, *args)
     if status == 2:
@@ -343,5 +358,5 @@ def run_blocks(kernel: Callable[..., int], size: int, block_size: int, *args: An
         raise ValueError("the C kernel cannot search this codebook: its levels must lie in [-1, 1], "
                          "neighbours at least 1/256 of their magnitude apart")
     if status:
-        raise ValueError(f"kernel rejected block_size={block_size}: a multiple of 8 up to 65536 "
+        raise ValueError(f"kernel rejected block_size={block_size}: a multiple of 8 up to {MOST_BLOCK_SIZE} "
                          "(that divides the rows of a quantized weight, whose scale groups divide its rows)")

@@ -23,18 +23,18 @@ import triton.language as tl
 
 from slimtrain.optim.kernels import FLOAT8_LAYOUTS, WEIGHT_KINDS, scale_group
 from slimtrain.optim.state import StateFormat
-from slimtrain.quant.blockwise import QUANTILE_BISECTION_STEPS
+from slimtrain.quant import elementary
+from slimtrain.quant.blockwise import QUANTILE_BISECTION_STEPS, block_count
 from slimtrain.quant.codebooks import codebook
-from slimtrain.quant.elementary import _ATANH, _EXP2, _SQRT_HALF, _TWO_OVER_LN2
 from slimtrain.quant.formats import format_max
 from slimtrain.quant.rounding import midpoints, noise_key
 from slimtrain.weights.tensor import QuantizedWeight
 
 GROUP = 8  # blocks per program
 # constants of slimtrain.quant.elementary and blockwise, as the kernels see them
-SQRT_HALF, TWO_OVER_LN2 = tl.constexpr(_SQRT_HALF), tl.constexpr(_TWO_OVER_LN2)
-A0, A1, A2, A3, A4 = (tl.constexpr(c) for c in _ATANH)
-E0, E1, E2, E3, E4, E5, E6, E7, E8 = (tl.constexpr(c) for c in _EXP2)
+SQRT_HALF, TWO_OVER_LN2 = tl.constexpr(elementary.SQRT_HALF), tl.constexpr(elementary.TWO_OVER_LN2)
+A0, A1, A2, A3, A4 = (tl.constexpr(c) for c in elementary.ATANH_SERIES)
+E0, E1, E2, E3, E4, E5, E6, E7, E8 = (tl.constexpr(c) for c in elementary.EXP2_POLYNOMIAL)
 TINY = tl.constexpr(torch.finfo(torch.float32).tiny)
 LARGEST = tl.constexpr(torch.finfo(torch.float32).max)
 INF, NAN = tl.constexpr(float("inf")), tl.constexpr(float("nan"))
@@ -438,7 +438,7 @@ def adamw_step(param: torch.Tensor, grad: torch.Tensor, state: dict, formats: di
     :func:`supported`); ``scalars`` as AdamW._scalars returns them, ``seeds`` the states' rounding
     seeds by name."""
     numel = param.numel()
-    blocks = -(-numel // formats["exp_avg"].block_size)
+    blocks = block_count(numel, formats["exp_avg"].block_size)
     tensors, scalar_values, constants = _launch_arguments(state, formats, scalars, seeds, param.device)
     _adamw_step_kernel[(triton.cdiv(blocks, GROUP),)](
         param, grad, *tensors, numel, blocks, *scalar_values, MAXIMIZE=maximize, GROUP=GROUP, **constants,
@@ -524,7 +524,7 @@ def adamw_weight_step(weight: QuantizedWeight, grad: torch.Tensor, state: dict,
     blocks_per_program, rows_per_program = _program_layout(weight.shape, block_size)
     scale_layout = _scale_group(weight, block_size)
     numel = weight.numel()
-    blocks = -(-numel // block_size)
+    blocks = block_count(numel, block_size)
     tensors, scalar_values, constants = _launch_arguments(state, formats, scalars, seeds, weight.device)
     codes = weight.codes.view(torch.uint8) if fmt in FLOAT8_LAYOUTS else weight.codes  # int8, packed int4
     _adamw_weight_kernel[(triton.cdiv(blocks, blocks_per_program),)](
