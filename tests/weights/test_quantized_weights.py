@@ -92,12 +92,26 @@ def test_state_dict_deepcopy_and_to_round_trip():
     assert clone.block[0].weight.codes.data_ptr() != model.block[0].weight.codes.data_ptr()
 
 
-def test_other_optimizers_get_a_clear_error():
+@pytest.mark.parametrize("variant", [{}, {"foreach": True}, {"fused": True}], ids=str)
+def test_other_optimizers_get_a_clear_error(variant):
+    """torch's single-tensor, foreach and fused steps alike (the last two take lists of tensors)
+    are refused before a weight is written, never applied to a decoded copy and lost."""
     model = Tiny()
     st.quantize_weights_(model, "fp8_e4m3")
+    before = copy.deepcopy(model.state_dict())
     model(torch.randint(0, 50, (2, 3))).sum().backward()
     with pytest.raises(TypeError, match="slimtrain's optimizers"):
-        torch.optim.AdamW(model.parameters()).step()
+        torch.optim.AdamW(model.parameters(), **variant).step()
+    after = model.state_dict()
+    quantized = [key for key, value in before.items() if isinstance(value, st.QuantizedWeight)]
+    assert quantized and all(torch.equal(after[key].codes, before[key].codes) for key in quantized)
+
+
+def test_a_quantized_weight_may_be_read_into_a_plain_tensor():
+    weight = st.QuantizedWeight.from_float(torch.randn(4, 32), st.WeightFormat("fp8_e4m3", "row"))
+    plain = torch.zeros(4, 32)
+    plain.copy_(weight)
+    assert torch.equal(plain, weight.dequantize())
 
 
 @pytest.mark.parametrize(

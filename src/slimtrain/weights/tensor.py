@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_leaves, tree_map
 
 from slimtrain.quant.formats import dequantize_weight, quantize_weight
 
@@ -136,13 +136,23 @@ class QuantizedWeight(torch.Tensor):
             else:
                 first.quantize_(source.dequantize() if isinstance(source, QuantizedWeight) else source)
             return first
-        if func._schema.is_mutable and any(isinstance(a, QuantizedWeight) for a in args):
+        if any(isinstance(a, QuantizedWeight) for a in _written(func, args, kwargs)):
             raise TypeError(
                 f"{func} would modify a quantized weight in place; quantized weights are updated by "
                 "slimtrain's optimizers (st.AdamW, st.SGD), which re-quantize them"
             )
         unwrap = lambda t: t.dequantize() if isinstance(t, QuantizedWeight) else t  # noqa: E731
         return func(*tree_map(unwrap, args), **tree_map(unwrap, kwargs))
+
+
+def _written(func: Any, args: tuple, kwargs: dict) -> list:
+    """The tensors that ``func`` writes to: the arguments its schema marks as mutable, lists of
+    tensors (foreach and fused optimizer ops) flattened."""
+    written = []
+    for position, argument in enumerate(func._schema.arguments):
+        if argument.alias_info is not None and argument.alias_info.is_write:
+            written += tree_leaves(args[position] if position < len(args) else kwargs.get(argument.name))
+    return written
 
 
 def _rebuild(codes: torch.Tensor, scales: torch.Tensor, format: WeightFormat, shape: tuple,
