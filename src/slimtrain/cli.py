@@ -10,9 +10,10 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
@@ -121,8 +122,15 @@ def _run_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return overrides
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser, whose usage errors are one line (with where to look), like the others."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="slimtrain", description=st.__doc__)
+    parser = _Parser(prog="slimtrain", description=st.__doc__)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = commands.add_parser("train", help="train a GPT on a text corpus with a recipe")
@@ -144,8 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="overwrite an existing output directory")
 
     p = commands.add_parser("plan", help="static memory of each recipe for a named architecture")
-    p.add_argument("--model", required=True, choices=list(ARCHITECTURES), metavar="NAME",
-                   help=f"architecture: {', '.join(ARCHITECTURES)}")
+    p.add_argument("--model", required=True, type=_architecture, metavar="NAME",
+                   help=f"architecture: {', '.join(ARCHITECTURES)} (the GPT sizes also by their "
+                        "train names: tiny, small, ...)")
 
     commands.add_parser("recipes", help="list the recipes and their bytes per parameter")
 
@@ -179,6 +188,14 @@ def _size(text: str) -> int:
     return value
 
 
+def _architecture(name: str) -> str:
+    """A name of ARCHITECTURES, the GPT sizes also as ``slimtrain train --model`` names them."""
+    name = f"gpt-{name}" if f"gpt-{name}" in ARCHITECTURES else name
+    if name not in ARCHITECTURES:
+        raise argparse.ArgumentTypeError(f"invalid choice: {name!r} (choose from {', '.join(ARCHITECTURES)})")
+    return name
+
+
 def _train(args: argparse.Namespace) -> int:
     overrides = _run_overrides(args)
     progress = not args.quiet
@@ -202,6 +219,9 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
+    twice = sorted({name for name in args.recipes or [] if args.recipes.count(name) > 1})
+    if twice:
+        raise ValueError(f"--recipes names {', '.join(twice)} more than once")
     table = compare(args.recipes or list(DEFAULT_COMPARE_RECIPES), _run_overrides(args),
                     Path(args.out) if args.out else None, args.force, quiet=args.quiet,
                     nproc_per_node=args.nproc_per_node)
@@ -227,6 +247,10 @@ def _bench(args: argparse.Namespace) -> int:
     if args.versus is not None and args.versus not in configurations():
         raise ValueError(f"--versus must name a configuration of this machine, one of "
                          f"{', '.join(configurations())}; got {args.versus!r}")
+    for pattern in args.only or []:
+        if not any(pattern in name for name in configurations()):
+            print(f"slimtrain: note: --only {pattern!r} matches no configuration of this machine "
+                  "(a peer that is not installed?)", file=sys.stderr)
     versus = args.versus or VERSUS
     device = launch.local_device(args.device).type
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}")
@@ -266,6 +290,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "bench":
             return _bench(args)
         print(recipes_table())
+        return 0
+    except BrokenPipeError:  # the reader stopped early (`slimtrain plan ... | head`): not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
         return 0
     except (ValueError, OSError, FloatingPointError) as error:
         print(f"slimtrain: error: {error}", file=sys.stderr)

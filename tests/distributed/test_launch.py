@@ -13,8 +13,9 @@ import torch.multiprocessing as mp
 from slimtrain.train.trainer import CHECKPOINT, read_metrics
 
 TINY = ["--model", "tiny", "--data", "python-docs", "--steps", "8", "--batch-size", "4", "--seq-len", "32",
-        "--eval-every", "4", "--eval-batches", "2", "--checkpoint-every", "4", "--sync-every", "3",
-        "--low-rank", "4", "--no-compile", "--quiet"]
+        "--eval-every", "4", "--eval-batches", "2", "--checkpoint-every", "4", "--no-compile", "--quiet"]
+ROUNDS = ["--sync-every", "3"]  # diloco and lordo
+LORDO = ["--recipe", "lordo", "--low-rank", "4", *ROUNDS]
 
 
 def torchrun(*args: str, ranks: int = 2) -> subprocess.CompletedProcess:
@@ -32,7 +33,7 @@ def test_lordo_on_two_ranks_resumes_exactly_where_it_stopped(tmp_path):
     whole, parted = tmp_path / "whole", tmp_path / "parted"
     for args in (["--out", str(whole)], ["--out", str(parted), "--stop-after", "5"],
                  ["--resume", str(parted)]):
-        result = torchrun("--recipe", "lordo", *TINY, *args) if "--resume" not in args else torchrun(
+        result = torchrun(*LORDO, *TINY, *args) if "--resume" not in args else torchrun(
             *args, "--quiet")
         assert result.returncode == 0, result.stderr[-2000:]
     assert metrics(parted) == metrics(whole)
@@ -61,7 +62,8 @@ def _rank_main(rank: int, port: int, out: str, code_file: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     lr = "3e-3" if rank == 0 else "1e-3"  # a misconfigured rank
-    code = main(["train", "--recipe", "diloco", *TINY, "--lr", lr, "--out", out, "--dist-timeout", "30"])
+    code = main(["train", "--recipe", "diloco", *ROUNDS, *TINY, "--lr", lr, "--out", out,
+                 "--dist-timeout", "30"])
     with open(f"{code_file}.{rank}", "w") as f:
         f.write(str(code))
 

@@ -53,7 +53,7 @@ def test_train_writes_a_run_directory(tmp_path, capsys):
     assert "validation loss" in out and "B/param" in out and "peak process memory" in out
 
 
-def test_interrupt_then_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch):
+def test_interrupt_then_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch, capsys):
     """Ctrl-C after step 4 saves a checkpoint; --resume continues to the same losses and weights
     (slim recipe: FP8 weights, ECO with stochastic rounding, 4/2-bit states)."""
     whole, parted = tmp_path / "whole", tmp_path / "parted"
@@ -68,7 +68,9 @@ def test_interrupt_then_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch
         return loss
 
     monkeypatch.setattr(Trainer, "train_step", interrupted_step)
+    capsys.readouterr()
     assert main(["train", *TINY, "--out", str(parted)]) == 130
+    assert "nats/token (at step 3)" in capsys.readouterr().out  # validated every 3 steps
     assert torch.load(parted / CHECKPOINT, weights_only=True)["step"] == 4
     monkeypatch.setattr(Trainer, "train_step", original)
     assert main(["train", "--resume", str(parted), "--quiet"]) == 0
@@ -88,6 +90,18 @@ def test_a_crash_while_writing_a_checkpoint_keeps_the_last_good_one(tmp_path, mo
     monkeypatch.setattr(torch, "save", crash)
     assert main(["train", "--resume", str(run), "--steps", "9", "--quiet"]) == 2
     assert (run / CHECKPOINT).read_bytes() == before
+
+
+def test_resume_refuses_fewer_steps_and_tells_of_a_longer_schedule(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", *TINY, "--out", str(run)]) == 0
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "--steps", "4", "--quiet"]) == 2
+    assert "--steps 4 is fewer than the 6 steps" in capsys.readouterr().err
+    assert json.loads((run / "config.json").read_text())["steps"] == 6  # untouched
+    assert main(["train", "--resume", str(run), "--steps", "8", "--quiet"]) == 0
+    assert "the learning-rate schedule now spans 8 steps" in capsys.readouterr().out
+    assert [r[0] for r in losses(run)] == list(range(1, 9))
 
 
 def test_a_nan_gradient_stops_the_run_without_losing_state(tmp_path, monkeypatch, capsys):
@@ -144,12 +158,15 @@ def test_an_existing_run_directory_needs_force(tmp_path, capsys):
     (["--seq-len", "65"], "exceeds the context"),
     (["--tokenizer", "/no/such/tokenizer.json"], "tokenizer"),
     (["--recipe", "lordo", "--lordo", "rank_of_q=3"], "unknown lordo option(s) rank_of_q"),
-    (["--lordo", "svd=randomized"], "lordo options apply to LoRDO recipes"),
+    (["--lordo", "svd=randomized"], "lordo_options applies to recipes of method lordo, not to 'slim'"),
+    (["--sync-every", "4"], "sync_every applies to recipes of method diloco or lordo"),
+    (["--recipe", "diloco", "--omega", "0.3"], "omega applies to recipes of method lordo, not to 'diloco'"),
     (["--recipe", "lordo", "--lordo", "svd=qr"], "svd must be one of"),
     (["--optim", "block=64"], "unknown optim option(s) block; accepted: beta1"),
-    (["--recipe", "lordo", "--optim", "block_size=64"], "optim options apply to AdamW recipes"),
+    (["--recipe", "lordo", "--optim", "block_size=64"], "optim_options applies to recipes of method adamw"),
     (["--optim", "state_maps=log,log"], "state_maps"),
     (["--optim", "block_size=7"], "block_size"),
+    (["--optim", "beta1=2"], "optim option beta1 must be a number in [0.0, 1.0)"),
     pytest.param(["--device", "cuda"], "device 'cuda': this torch build sees no CUDA device",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here")),
 ])
@@ -179,7 +196,8 @@ def test_invalid_options_are_rejected_by_the_parser(capsys, argv, message):
     with pytest.raises(SystemExit) as exit_info:
         main(["train", *TINY, *argv])
     assert exit_info.value.code == 2
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("slimtrain train: error:") and message in err[0]
 
 
 def test_the_installed_command_prints_no_traceback():
@@ -194,7 +212,7 @@ def test_the_installed_command_prints_no_traceback():
 
 def test_compare_writes_a_table_and_a_frontier_plot(tmp_path, capsys):
     out = tmp_path / "cmp"
-    assert main(["compare", "--recipes", "adamw", "slim", *TINY, "--out", str(out)]) == 0
+    assert main(["compare", "--recipes", "adamw", "slim", *TINY, "--sync-every", "4", "--out", str(out)]) == 0
     table = (out / "compare.md").read_text().splitlines()
     assert table[0].startswith("| recipe | val loss | vs adamw | static B/param")
     rows = {line.split("|")[1].strip(): line.split("|") for line in table[2:]}
@@ -202,7 +220,12 @@ def test_compare_writes_a_table_and_a_frontier_plot(tmp_path, capsys):
     assert rows["adamw"][3].strip() == "+0.00%"
     assert float(rows["slim"][4]) < float(rows["adamw"][4]) / 3  # static bytes per parameter
     assert (out / "frontier.png").stat().st_size > 0
-    assert "compare.md" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "compare.md" in printed and "== adamw (without sync_every: not of its method)" in printed
+    assert main(["compare", "--recipes", "adamw", "slim", "adamw", "--out", str(out)]) == 2
+    assert "--recipes names adamw more than once" in capsys.readouterr().err
+    assert main(["compare", "--recipes", "adamw", "--out", str(out)]) == 2  # it exists: no --resume
+    assert "--force to overwrite it\n" in capsys.readouterr().err + "\n"
 
 
 def test_plan_prints_known_architecture_numbers(capsys):
@@ -222,7 +245,7 @@ def test_recipes_lists_every_recipe(capsys):
     assert all(f"\n{name} " in out for name in RECIPES)
 
 
-def test_a_users_own_module_trains_through_the_python_api(tmp_path):
+def test_a_users_own_module_trains_through_the_python_api(tmp_path, capsys):
     class Bigram(nn.Module):
         def __init__(self):
             super().__init__()
@@ -237,6 +260,9 @@ def test_a_users_own_module_trains_through_the_python_api(tmp_path):
     result = train(config, model=Bigram(), progress=False, log=lambda _: None)
     assert result.summary["model"] == "custom" and result.summary["steps"] == 4
     assert result.summary["static_memory"]["parameters"] < 4 * result.summary["parameters"]
+    # the command line cannot rebuild the user's module: one clear line, not a traceback
+    assert main(["train", "--resume", str(tmp_path / "own"), "--steps", "6", "--quiet"]) == 2
+    assert "model given in Python" in capsys.readouterr().err
 
 
 def test_optim_options_reach_the_optimizer_and_the_memory_count(tmp_path):
@@ -340,6 +366,18 @@ def test_a_failing_peer_is_reported_and_left_out(monkeypatch, capsys):
 def test_bench_on_cuda_without_a_gpu_is_a_clear_error(capsys):
     assert main(["bench", "--device", "cuda"]) == 2
     assert "--device cuda: this torch build sees no CUDA device" in capsys.readouterr().err
+
+
+def test_bench_says_when_only_matches_nothing(capsys):
+    assert main(["bench", "--only", "zzz", "--sizes", "1K"]) == 2
+    assert "--only 'zzz' matches no configuration of this machine" in capsys.readouterr().err
+
+
+def test_plan_takes_the_gpt_sizes_by_their_train_names_and_small_models_in_mib(capsys):
+    assert main(["plan", "--model", "small"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("gpt-small: 1,820,352 parameters") and "total MiB" in out
+    assert "adamw                    6.94" in out  # 1,820,352 x 4 bytes
 
 
 @pytest.mark.parametrize("size, message", [("12", "at least 1024"), ("lots", "not a size")])

@@ -19,9 +19,11 @@ c = (1 - mu) / (outer_lr * mu^2) returns exactly the lost e (mu = outer_momentum
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch.optim.optimizer import ParamsT
 
 from slimtrain.distributed.comm import Collectives
 from slimtrain.optim.base import (
@@ -65,7 +67,7 @@ class RoundsOptimizer(torch.optim.Optimizer):
 
     def __init__(
         self,
-        params: Any,
+        params: ParamsT,
         defaults: dict[str, Any],
         sync_every: int,
         outer_lr: float,
@@ -105,7 +107,7 @@ class RoundsOptimizer(torch.optim.Optimizer):
 
     # ---------------------------------------------------------------------------- steps
     @torch.no_grad()
-    def step(self, closure: Any = None) -> Any:
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One local step on every parameter with a gradient; a round after every
         ``sync_every`` local steps."""
         loss = run_closure(closure)
@@ -232,7 +234,7 @@ class DiLoCo(RoundsOptimizer):
 
     def __init__(
         self,
-        params: Any,
+        params: ParamsT,
         lr: float = 1e-3,
         sync_every: int = 16,
         betas: tuple[float, float] = (0.9, 0.999),
@@ -284,7 +286,7 @@ class LoRDO(RoundsOptimizer):
 
     def __init__(
         self,
-        params: Any,
+        params: ParamsT,
         lr: float = 1e-3,
         rank: int = 32,
         sync_every: int = 16,

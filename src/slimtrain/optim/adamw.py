@@ -6,6 +6,7 @@ from functools import partial
 from typing import Any
 
 import torch
+from torch.optim.optimizer import ParamsT
 
 from slimtrain.optim import kernels
 from slimtrain.optim.base import LowBitOptimizer, as_pair, check_adam_options, check_choice, plain_float32
@@ -91,7 +92,7 @@ class AdamW(LowBitOptimizer):
     state_signed = (True, False)
 
     def __init__(
-        self, params: Any, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+        self, params: ParamsT, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8, weight_decay: float = 1e-2, *,
         state_bits: int | tuple[int, int] = 32,
         state_maps: tuple[str, str] = ("dynamic", "log"),

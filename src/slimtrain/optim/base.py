@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
+from torch.optim.optimizer import ParamsT
 
 from slimtrain.optim.state import (
     StateFormat,
@@ -73,7 +74,7 @@ def check_adam_options(lr: Any, betas: Any, eps: Any, weight_decay: Any) -> None
     check_number("weight_decay", weight_decay)
 
 
-def run_closure(closure: Any) -> Any:
+def run_closure(closure: Callable[[], Any] | None) -> Any:
     """The loss of an optimizer's ``closure`` (None without one), computed with grad enabled."""
     if closure is None:
         return None
@@ -102,7 +103,7 @@ class LowBitOptimizer(torch.optim.Optimizer):
     state_names: tuple[str, ...] = ()
     state_signed: tuple[bool, ...] = ()
 
-    def __init__(self, params: Any, defaults: dict[str, Any], seed: int | None) -> None:
+    def __init__(self, params: ParamsT, defaults: dict[str, Any], seed: int | None) -> None:
         seed = resolve_seed(seed)
         super().__init__(params, defaults)
         self._generator = torch.Generator(device="cpu").manual_seed(seed)
@@ -184,7 +185,7 @@ class LowBitOptimizer(torch.optim.Optimizer):
                     raise TypeError(f"parameters must be real floating point, got dtype {p.dtype}")
 
     @torch.no_grad()
-    def step(self, closure: Any = None) -> Any:
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One optimizer step over every parameter that has a gradient; returns closure's loss."""
         loss = run_closure(closure)
         self._check_grads(self.param_groups)

@@ -9,9 +9,11 @@ Q is (n, r) with orthonormal columns; projected gradients and the moments u, v a
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch.optim.optimizer import ParamsT
 
 from slimtrain.optim.base import check_adam_options, check_choice, run_closure
 from slimtrain.optim.functional import adam_step_scalars, adamw_update_
@@ -184,7 +186,7 @@ class LowRankAdamW(torch.optim.Optimizer):
 
     def __init__(
         self,
-        params: Any,
+        params: ParamsT,
         lr: float = 1e-3,
         rank: int = 32,
         refresh_every: int = 200,
@@ -206,7 +208,7 @@ class LowRankAdamW(torch.optim.Optimizer):
         super().__init__(params, defaults)
 
     @torch.no_grad()
-    def step(self, closure: Any = None) -> Any:
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
         loss = run_closure(closure)
         stepped = [(param, group) for group in self.param_groups for param in group["params"]
                    if param.grad is not None]

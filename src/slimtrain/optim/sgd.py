@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch.optim.optimizer import ParamsT
 
 from slimtrain.optim import kernels
 from slimtrain.optim.base import LowBitOptimizer, check_choice, check_number, plain_float32
@@ -70,7 +71,7 @@ class SGD(LowBitOptimizer):
     state_signed = (True,)
 
     def __init__(
-        self, params: Any, lr: float = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
+        self, params: ParamsT, lr: float = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
         weight_decay: float = 0.0, nesterov: bool = False, *, state_bits: int = 32,
         state_maps: str = "dynamic", state_rounding: str = "nearest", block_size: int = 128,
         min_quantized_numel: int = 4096, weight_update: str | None = None, rounding: str = "nearest",

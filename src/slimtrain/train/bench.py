@@ -173,6 +173,9 @@ def run_bench(sizes: list[int], steps: int = 5, warmup: int = 3, only: list[str]
     target = torch.device(device)
     configs = configurations()
     if only:
+        if not any(s in k for s in only for k in configs):
+            raise ValueError(f"--only {' '.join(map(repr, only))} matches no configuration of this "
+                             f"machine: {', '.join(configs)}")
         configs = {k: v for k, v in configs.items()
                    if k == BASELINE or k in also or any(s in k for s in only)}
     if target.type == "cpu":

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from slimtrain.train.data import load_corpus
-from slimtrain.train.trainer import TrainConfig, prepare_run_dir
+from slimtrain.train.recipes import get_recipe
+from slimtrain.train.trainer import TrainConfig, inapplicable_overrides, prepare_run_dir
 
 DEFAULT_COMPARE_RECIPES = (
     "adamw", "bf16-master", "fp8-master-sr", "fp8-naive-rtn", "fp8-naive-sr", "eco-rtn", "eco-sr",
@@ -92,20 +93,24 @@ def plot_frontier(rows: list[dict[str, Any]], path: Path) -> None:
 def compare(recipes: list[str], overrides: dict[str, Any], out_dir: Path | None = None,
             force: bool = False, quiet: bool = False, nproc_per_node: int = 1) -> str:
     """Train each recipe with the same settings (through torchrun with ``nproc_per_node`` ranks
-    when > 1); returns the Markdown table (also written)."""
+    when > 1; an override a recipe's method does not have, such as sync_every for adamw, is left
+    out of that recipe's run, with a note); returns the Markdown table (also written)."""
     config = dataclasses.replace(TrainConfig(), **overrides)
     config.validate()
     load_corpus(config.data, log=lambda _: None)  # a bad --data fails here, once
     out_dir = out_dir or Path("runs") / f"compare-{time.strftime('%Y%m%d-%H%M%S')}"
-    prepare_run_dir(out_dir, force)
+    prepare_run_dir(out_dir, force, resumable=False)
     rows = []
     for recipe in recipes:
+        left_out = inapplicable_overrides(get_recipe(recipe), overrides)
+        own = {name: value for name, value in overrides.items() if name not in left_out}
         ranks = f"--nproc-per-node={nproc_per_node}"
         launcher = ["-m", "torch.distributed.run", ranks] if nproc_per_node > 1 else []
         command = [sys.executable, *launcher, "-m", "slimtrain", "train", "--recipe", recipe, "--out",
-                   str(out_dir / recipe), "--force", *_train_arguments(overrides)]
+                   str(out_dir / recipe), "--force", *_train_arguments(own)]
         command += ["--quiet"] if quiet else []
-        print(f"== {recipe}", flush=True)
+        print(f"== {recipe}" + (f" (without {', '.join(left_out)}: not of its method)" if left_out else ""),
+              flush=True)
         result = subprocess.run(command)
         if result.returncode:
             raise ValueError(f"recipe {recipe} failed (exit status {result.returncode}); see above")

@@ -308,22 +308,24 @@ def formula_check(config: GPTConfig) -> list[tuple[str, int, int]]:
 # --------------------------------------------------------------------------------- the table
 def plan_table(architecture: str, recipes: list[str] | None = None) -> str:
     """A plain-text table of the static memory of ``architecture`` under each recipe (every
-    recipe when None): weights, master copies, optimizer states and total in GiB (2^30 bytes),
-    bytes per parameter, and the total's ratio to the ``adamw`` recipe."""
+    recipe when None): weights, master copies, optimizer states and total in GiB (2^30 bytes; MiB
+    for models whose adamw total is under 1 GiB), bytes per parameter, and the total's ratio to
+    the ``adamw`` recipe."""
     specs = architecture_specs(architecture)
     names = list(RECIPES) if recipes is None else list(recipes)
     count = parameter_count(specs)
     reference = sum(static_memory(specs, "adamw").values())
-    header = (f"{'recipe':<16}{'weights GiB':>13}{'master GiB':>12}{'states GiB':>12}"
-              f"{'total GiB':>12}{'bytes/param':>13}{'vs adamw':>10}")
+    unit, size = ("GiB", GIB) if reference >= GIB else ("MiB", 2**20)
+    header = (f"{'recipe':<16}{'weights ' + unit:>13}{'master ' + unit:>12}{'states ' + unit:>12}"
+              f"{'total ' + unit:>12}{'bytes/param':>13}{'vs adamw':>10}")
     lines = [f"{architecture}: {count:,} parameters; static memory, no activations or gradients",
              header, "-" * len(header)]
     for name in names:
         memory = static_memory(specs, name)
         total = sum(memory.values())
         lines.append(
-            f"{name:<16}{memory['parameters'] / GIB:>13.2f}{memory['master_weights'] / GIB:>12.2f}"
-            f"{memory['optimizer_state'] / GIB:>12.2f}{total / GIB:>12.2f}{total / count:>13.3f}"
+            f"{name:<16}{memory['parameters'] / size:>13.2f}{memory['master_weights'] / size:>12.2f}"
+            f"{memory['optimizer_state'] / size:>12.2f}{total / size:>12.2f}{total / count:>13.3f}"
             f"{total / reference:>10.3f}"
         )
     return "\n".join(lines)

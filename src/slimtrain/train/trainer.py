@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from slimtrain.distributed import Collectives, RoundsOptimizer, launch
 from slimtrain.optim import memory_report
+from slimtrain.optim.base import check_number
 from slimtrain.train.data import DEFAULT_CORPUS, load_corpus, load_tokenizer, random_windows, split_tokens
 from slimtrain.train.models import GPT, GPT_SIZES
 from slimtrain.train.plan import model_tensor_specs, parameter_count, static_memory
@@ -137,8 +138,6 @@ class TrainConfig:
 
 def _adamw_overrides(recipe: Recipe, options: dict[str, Any]) -> dict[str, Any]:
     """Recipe fields that ``options`` (TrainConfig.optim_options) set on the AdamW ``recipe``."""
-    if recipe.method not in ("adamw", "ddp"):
-        raise ValueError(f"optim options apply to AdamW recipes, not to {recipe.name!r}")
     accepted = ("beta1", *ADAMW_OPTIONS)
     unknown = sorted(set(options) - set(accepted))
     if unknown:
@@ -146,18 +145,33 @@ def _adamw_overrides(recipe: Recipe, options: dict[str, Any]) -> dict[str, Any]:
     pairs = ("state_maps", "state_rounding")
     values = {key: tuple(value.split(",") if isinstance(value, str) else value) if key in pairs else value
               for key, value in options.items()}
+    if "beta1" in values:
+        check_number("optim option beta1", values["beta1"], 0.0, 1.0, high_open=True)
     beta1 = {"beta1": values.pop("beta1")} if "beta1" in values else {}
     return dict(beta1, adamw_options=tuple({**dict(recipe.adamw_options), **values}.items()))
 
 
+# the TrainConfig fields that override a recipe's, and the recipe methods that have them
+METHODS_OF_OVERRIDES = {"sync_every": ("diloco", "lordo"), "low_rank": ("lowrank-ddp", "lordo"),
+                        "omega": ("lordo",), "lordo_options": ("lordo",), "optim_options": ("adamw", "ddp")}
+
+
+def inapplicable_overrides(recipe: Recipe, overrides: dict[str, Any]) -> list[str]:
+    """The names of ``overrides`` (TrainConfig fields, set) that ``recipe``'s method does not have."""
+    return [name for name, methods in METHODS_OF_OVERRIDES.items()
+            if overrides.get(name) not in (None, {}) and recipe.method not in methods]
+
+
 def run_recipe(config: TrainConfig) -> Recipe:
     """The recipe of ``config`` with its overrides (sync_every, low_rank, omega, lordo and optim
-    options) applied."""
+    options) applied; ValueError for an override its method does not have."""
     recipe = get_recipe(config.recipe)
+    for name in inapplicable_overrides(recipe, config.to_dict()):
+        methods = METHODS_OF_OVERRIDES[name]
+        raise ValueError(f"{name} applies to recipes of method {' or '.join(methods)}, not to "
+                         f"{recipe.name!r} (method {recipe.method!r})")
     overrides = dict(sync_every=config.sync_every, rank=config.low_rank, omega=config.omega)
     if config.lordo_options:
-        if recipe.method != "lordo":
-            raise ValueError(f"lordo options apply to LoRDO recipes, not to {recipe.name!r}")
         unknown = sorted(set(config.lordo_options) - set(LORDO_OPTIONS))
         if unknown:
             raise ValueError(f"unknown lordo option(s) {', '.join(unknown)}; "
@@ -477,7 +491,7 @@ class Trainer:
         """Final numbers of the run: losses, speed, measured static memory per category, peak
         process memory, and the formula's static memory of the same model under other recipes."""
         records = read_metrics(self.run_dir)
-        val = [r["val_loss"] for r in records if "val_loss" in r]
+        val = [r for r in records if "val_loss" in r]
         report = memory_report(self.model, self.optimizer)
         parameters = parameter_count(self.float_specs)
         same_model = {name: sum(static_memory(self.float_specs, RECIPES[name]).values())
@@ -491,7 +505,8 @@ class Trainer:
         return dict(
             recipe=self.config.recipe, model=self.config.model, corpus=self.corpus.name,
             tokenizer=getattr(self.tokenizer, "name", "custom"), parameters=parameters,
-            steps=self.step, tokens=tokens, val_loss=val[-1] if val else None,
+            steps=self.step, tokens=tokens, val_loss=val[-1]["val_loss"] if val else None,
+            val_step=val[-1]["step"] if val else None,
             train_loss=records[-1]["loss"] if records else None,
             tokens_per_second=tokens / max(self.train_seconds, 1e-9),
             steady_tokens_per_second=self.world * self.config.batch_size * self.seq_len / statistics.median(
@@ -545,12 +560,13 @@ def default_run_dir(config: TrainConfig) -> Path:
     return Path("runs") / f"{config.recipe}-{config.model}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def prepare_run_dir(run_dir: Path, force: bool) -> None:
-    """Create ``run_dir``; an existing non-empty directory is refused unless ``force``."""
+def prepare_run_dir(run_dir: Path, force: bool, resumable: bool = True) -> None:
+    """Create ``run_dir``; an existing non-empty directory is refused unless ``force`` (the error
+    suggests --resume where ``resumable``)."""
     if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
         if not force:
-            raise ValueError(f"run directory {run_dir} already exists; pass --force to overwrite it "
-                             f"or --resume {run_dir} to continue it")
+            resume_hint = f" or --resume {run_dir} to continue it" if resumable else ""
+            raise ValueError(f"directory {run_dir} already exists; pass --force to overwrite it{resume_hint}")
         for name in (CHECKPOINT, "metrics.jsonl", "summary.json", "loss.png", "config.json"):
             (run_dir / name).unlink(missing_ok=True)
         for path in run_dir.glob("checkpoint.rank*.pt"):
@@ -598,8 +614,20 @@ def resume(run_dir: Path, overrides: dict[str, Any] | None = None, model: nn.Mod
     config = TrainConfig.from_dict(checkpoint["config"])
     requested = dataclasses.replace(config, **(overrides or {}), out=str(run_dir))
     check_resumable(config, requested)
+    done = int(checkpoint["step"])
+    if requested.steps < done:
+        raise CheckpointError(f"--resume {run_dir}: --steps {requested.steps} is fewer than the {done} steps "
+                              "this run has done")
+    if model is None and config.model == CUSTOM_MODEL:
+        raise CheckpointError(f"--resume {run_dir}: this run trained a model given in Python "
+                              f"({config.model!r}); resume it there: slimtrain.train.trainer.resume(run_dir, "
+                              "model=...)")
     rank, world = start_workers(requested)
     try:
+        if rank == 0 and requested.steps != config.steps and done > 0:
+            log(f"note: --steps {config.steps} -> {requested.steps}: the learning-rate schedule now spans "
+                f"{requested.steps} steps, so it goes from {learning_rate(config, done - 1):.3g} at step "
+                f"{done} to {learning_rate(requested, done):.3g} at step {done + 1}")
         launch.check_same_everywhere(requested.to_dict())
         trainer = Trainer(requested, run_dir, model, progress, log, rank, world)
         trainer.restore(checkpoint)
@@ -616,6 +644,12 @@ def _mib(nbytes: float) -> str:
     return f"{nbytes / 2**20:,.1f} MiB"
 
 
+def _at_step(summary: dict[str, Any]) -> str:
+    """" (at step N)" where the last validation came before the last step (an interrupted run)."""
+    step = summary.get("val_step")
+    return f" (at step {step})" if step not in (None, summary["steps"]) else ""
+
+
 def format_summary(summary: dict[str, Any], run_dir: Path) -> str:
     """The end-of-run report printed by ``slimtrain train``."""
     params = summary["parameters"]
@@ -623,7 +657,8 @@ def format_summary(summary: dict[str, Any], run_dir: Path) -> str:
     lines = [
         f"run {run_dir}: recipe {summary['recipe']}, model {summary['model']} ({params:,} parameters), "
         f"corpus {summary['corpus']}, {summary['steps']} steps, {summary['tokens']:,} tokens",
-        f"validation loss  {summary['val_loss']:.4f} nats/token" if summary["val_loss"] is not None
+        f"validation loss  {summary['val_loss']:.4f} nats/token" + _at_step(summary)
+        if summary["val_loss"] is not None
         else "validation loss  (no validation yet)",
         f"speed            {summary['steady_tokens_per_second']:,.0f} tokens/s steady (median step after the "
         f"first 10%); {summary['tokens_per_second']:,.0f} tokens/s overall, compilation included",
