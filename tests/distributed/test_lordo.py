@@ -42,14 +42,13 @@ def train_steps(model: nn.Module, optimizer: torch.optim.Optimizer, rank: int, s
 # ------------------------------------------------------------------ single worker: the math
 def test_error_feedback_keeps_every_part_of_the_gradient():
     """Qᵀ E = 0 after every step, and the projected part G + E_prev - E_new lies in span(Q): what
-    leaves E is applied in the subspace, what is outside it stays in E."""
+    leaves E is applied in the subspace, what is outside it stays in E. (The two split G + E_prev
+    into orthogonal parts, which is unique: E_new = (I - QQᵀ)(G + E_prev), nothing lost.)"""
     torch.manual_seed(0)
     n, m, r = 12, 30, 3
     weight = torch.randn(n, m)
     basis = torch.linalg.qr(torch.randn(n, r))[0]
     error, u, v = torch.zeros(n, m), torch.zeros(r, m), torch.zeros(r, m)
-    total_grad = torch.zeros(n, m)
-    total_projected = torch.zeros(n, m)
     for step in range(1, 8):
         grad = torch.randn(n, m)
         before = error.clone()
@@ -58,10 +57,40 @@ def test_error_feedback_keeps_every_part_of_the_gradient():
         projected = grad + before - error
         assert torch.allclose(basis.T @ error, torch.zeros(r, m), atol=1e-5)
         assert torch.allclose(projected, basis @ (basis.T @ projected), atol=1e-5)
-        total_grad += grad
-        total_projected += projected
-    # nothing of the gradient is lost: sum of projected parts + E = sum of gradients
-    assert torch.allclose(total_projected + error, total_grad, atol=1e-4)
+        assert error.abs().max() > 0.1  # E holds the part outside the subspace, not nothing
+
+
+def torch_adamw_steps(start: torch.Tensor, grads: list[torch.Tensor], clip: float | None) -> torch.Tensor:
+    """torch.optim.AdamW (lr 1e-2, no weight decay) from ``start`` over ``grads``, each clipped to
+    global norm ``clip`` by torch.nn.utils.clip_grad_norm_."""
+    param = nn.Parameter(start.clone())
+    opt = torch.optim.AdamW([param], lr=1e-2, weight_decay=0.0, foreach=False)
+    for grad in grads:
+        param.grad = grad.clone()
+        if clip is not None:
+            nn.utils.clip_grad_norm_([param], clip)
+        opt.step()
+    return param.detach()
+
+
+def test_diloco_on_one_worker_against_torch_and_the_outer_nesterov_formula():
+    """One worker: with outer_lr 1 and no outer momentum a round changes nothing, so DiLoCo is
+    torch's AdamW (clipping included: the same global-norm rule); with outer_lr 0.7 and outer
+    momentum 0.9 the first round moves the anchor by 0.7 (1 + 0.9) times the local change."""
+    generator = torch.Generator().manual_seed(0)
+    start = torch.randn(6, 5, generator=generator)
+    grads = [torch.randn(6, 5, generator=generator) for _ in range(6)]
+    for outer_lr, outer_momentum, clip, steps in [(1.0, 0.0, 0.5, 6), (0.7, 0.9, None, 3)]:
+        param = nn.Parameter(start.clone())
+        opt = DiLoCo([param], lr=1e-2, sync_every=3, outer_lr=outer_lr, outer_momentum=outer_momentum,
+                     clip=clip)
+        for grad in grads[:steps]:
+            param.grad = grad.clone()
+            opt.step()
+        local = torch_adamw_steps(start, grads[:steps], clip)
+        expected = local if outer_momentum == 0 else start + outer_lr * (1 + outer_momentum) * (local - start)
+        assert torch.allclose(param.detach(), expected, rtol=0, atol=1e-6), (outer_lr, outer_momentum)
+        assert not torch.allclose(param.detach(), start, atol=1e-3)
 
 
 def round_angles(omega: float, rounds: int = 4) -> list[float]:

@@ -82,3 +82,27 @@ def test_low_rank_adamw_refuses_other_dtypes_before_any_update():
     with pytest.raises(TypeError, match="float32"):
         opt.step()
     assert torch.equal(first, torch.ones(16, 8)) and len(opt.state) == 0
+
+
+def test_low_rank_adamw_moves_a_matrix_within_its_gradients_top_subspace():
+    """GaLore-style steps: between refreshes a (12, 30) weight moves only within the span of the
+    top-2 left singular vectors of the gradient at the refresh; a vector takes plain AdamW steps."""
+    generator = torch.Generator().manual_seed(0)
+    matrix = torch.nn.Parameter(torch.randn(12, 30, generator=generator))
+    vector = torch.nn.Parameter(torch.randn(30, generator=generator))
+    start, vector_start = matrix.detach().clone(), vector.detach().clone()
+    opt = LowRankAdamW([matrix, vector], lr=1e-2, rank=2, refresh_every=10)
+    reference = torch.optim.AdamW([torch.nn.Parameter(vector_start.clone())], lr=1e-2, weight_decay=0.0,
+                                  foreach=False)
+    first_grad = torch.randn(12, 30, generator=generator)
+    basis = torch.linalg.svd(first_grad, full_matrices=False)[0][:, :2]
+    for step in range(5):
+        matrix.grad = first_grad if step == 0 else torch.randn(12, 30, generator=generator)
+        vector.grad = torch.randn(30, generator=generator)
+        reference.param_groups[0]["params"][0].grad = vector.grad.clone()
+        opt.step()
+        reference.step()
+    moved = matrix.detach() - start
+    assert moved.norm() > 1e-2
+    assert torch.allclose(moved, basis @ (basis.T @ moved), atol=1e-5)  # nothing outside span(Q)
+    assert torch.allclose(vector.detach(), reference.param_groups[0]["params"][0].detach(), atol=1e-6)

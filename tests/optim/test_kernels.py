@@ -1,5 +1,6 @@
 """The C kernel of the fused AdamW step gives the same bits as the eager torch step."""
 
+import contextlib
 import ctypes
 import os
 import platform
@@ -29,6 +30,17 @@ def run(fused: bool, shape, steps: int = 4, device: str = "cpu", optimizer=st.Ad
     return param.detach(), opt.state[param]
 
 
+@contextlib.contextmanager
+def kernel_steps():
+    """What kernels.c_kernel_step returned while the block ran (True: the C kernel took a step)."""
+    taken, original = [], kernels.c_kernel_step
+    kernels.c_kernel_step = lambda *args: taken.append(original(*args)) or taken[-1]
+    try:
+        yield taken
+    finally:
+        kernels.c_kernel_step = original
+
+
 def test_kernel_builds_here():
     assert kernels.cpu_kernels() is not None, "gcc is on every machine this project runs tests on"
 
@@ -49,8 +61,11 @@ CONFIGURATIONS = [
 @pytest.mark.parametrize("options", CONFIGURATIONS, ids=str)
 @pytest.mark.parametrize("shape", [(300, 70), (4097,), (3, 5, 61)])
 def test_kernel_and_eager_agree_bit_for_bit(options, shape):
-    fused_param, fused_state = run(True, shape, **options)
-    eager_param, eager_state = run(False, shape, **options)
+    with kernel_steps() as taken:
+        fused_param, fused_state = run(True, shape, **options)
+        assert taken == [True] * 4  # the C kernel took every step
+        eager_param, eager_state = run(False, shape, **options)
+        assert len(taken) == 4
     assert torch.equal(fused_param, eager_param)
     assert fused_state.keys() == eager_state.keys()
     for key in fused_state:
@@ -144,9 +159,11 @@ def test_kernel_and_eager_agree_on_any_gradients(grads, bits, block):
         param = torch.nn.Parameter(torch.linspace(-1, 1, len(grads)))
         opt = st.AdamW([param], lr=1e-2, compile=fused, min_quantized_numel=0, state_bits=bits,
                        block_size=block, seed=3)
-        for scale in (1.0, -0.5):
-            param.grad = torch.tensor(grads) * scale
-            opt.step()
+        with kernel_steps() as taken:
+            for scale in (1.0, -0.5):
+                param.grad = torch.tensor(grads) * scale
+                opt.step()
+        assert taken == [True] * 2 * fused
         results.append((param.detach().clone(), opt.state[param]))
     assert_same_bits(results)
     assert torch.isfinite(results[0][0]).all()

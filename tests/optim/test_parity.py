@@ -66,17 +66,21 @@ def test_sgd_matches_torch_bitwise(kwargs, maximize, compile):
 def test_closure_zero_grad_and_skipped_params():
     model = make_model()
     frozen = model[0].bias
-    before = frozen.detach().clone()
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
     opt = st.AdamW(model.parameters(), lr=1e-2, state_bits=(4, 2), min_quantized_numel=0)
     x, y = batches(1)[0]
+    returned = []
 
     def closure():
         opt.zero_grad()
         loss = torch.nn.functional.cross_entropy(model(x), y)
         loss.backward()
         frozen.grad = None
+        returned.append(loss)
         return loss
 
     loss = opt.step(closure)
-    assert torch.is_tensor(loss)
-    assert torch.equal(frozen, before) and frozen not in opt.state
+    assert len(returned) == 1 and loss is returned[0]  # called once, its loss returned
+    for name, p in model.named_parameters():
+        assert torch.equal(p, before[name]) == (p is frozen), name  # all others took a step
+    assert frozen not in opt.state and len(opt.state) == len(before) - 1

@@ -133,6 +133,20 @@ def test_deepcopy_and_add_param_group():
     train(model, opt, batches(2))
     clone = copy.deepcopy(opt)
     assert clone.state_dict()["param_groups"] == opt.state_dict()["param_groups"]
+    # an independent copy: its own parameters and states, the same next step (generator included)
+    pairs = list(zip((p for g in opt.param_groups for p in g["params"]),
+                     (p for g in clone.param_groups for p in g["params"]), strict=True))
+    before = copy.deepcopy(opt.state_dict())
+    generator = torch.Generator().manual_seed(5)
+    for param, copied in pairs:
+        assert copied is not param and torch.equal(copied, param)
+        param.grad = torch.randn(param.shape, generator=generator)
+        copied.grad = param.grad.clone()
+    clone.step()
+    for index, values in before["state"].items():
+        assert all(torch.equal(opt.state_dict()["state"][index][k], v) for k, v in values.items())
+    opt.step()
+    assert all(torch.equal(copied, param) for param, copied in pairs)
     group = {"params": (torch.nn.Parameter(torch.zeros(3)),), "state_bits": 5}
     with pytest.raises(ValueError, match="state_bits"):
         opt.add_param_group(group)

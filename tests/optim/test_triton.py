@@ -26,7 +26,9 @@ def case_runs():
     """Every case started at once, as many at a time as there are cores: {case: its future}."""
     pytest.importorskip("triton")
     # glibc's malloc checks abort the process where a kernel wrote past a tensor's end
-    env = {**os.environ, "TRITON_INTERPRET": "1", "MALLOC_CHECK_": "3", "MALLOC_PERTURB_": "165"}
+    # one thread each: they run side by side
+    env = {**os.environ, "TRITON_INTERPRET": "1", "MALLOC_CHECK_": "3", "MALLOC_PERTURB_": "165",
+           "OMP_NUM_THREADS": "1"}
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         yield {case: pool.submit(subprocess.run, [sys.executable, "-m", "tests.optim.triton_cases", case],
                                  cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)

@@ -64,6 +64,15 @@ def assert_same(fused: tuple, eager: tuple, what: str) -> None:
         assert torch.equal(fused[1][key], eager[1][key]), f"{what}: {key} differs"
 
 
+def assert_same_weight(fused: tuple, eager: tuple, what: str) -> None:
+    """The same codes, scales and states of two run_weight results."""
+    codes = fused[0].codes.view(torch.uint8), eager[0].codes.view(torch.uint8)
+    assert torch.equal(*codes), f"{what}: codes differ"
+    assert torch.equal(fused[0].scales, eager[0].scales), f"{what}: scales differ"
+    for key in fused[1]:
+        assert torch.equal(fused[1][key], eager[1][key]), f"{what}: {key} differs"
+
+
 def configurations() -> None:
     """Every covered configuration, two shapes with a partial last block: the eager step's bits
     (small tensors: the interpreter takes about a second per program and step)."""
@@ -124,12 +133,7 @@ def weights() -> None:
         CALLS.clear()
         fused = run_weight(True, shape, steps=3, **options)
         assert len(CALLS) == 3, f"{options}: {len(CALLS)} Triton steps of 3"
-        eager = run_weight(False, shape, steps=3, **options)
-        assert torch.equal(fused[0].codes.view(torch.uint8), eager[0].codes.view(torch.uint8)), \
-            f"{shape} {options}: codes differ"
-        assert torch.equal(fused[0].scales, eager[0].scales), f"{options}: scales differ"
-        for key in fused[1]:
-            assert torch.equal(fused[1][key], eager[1][key]), f"{options}: {key} differs"
+        assert_same_weight(fused, run_weight(False, shape, steps=3, **options), f"{shape} {options}")
 
 
 @triton.jit
@@ -215,7 +219,7 @@ def uncovered() -> None:
         fused = run_weight(True, shape, fmt, steps=2, **options)
         assert not CALLS, f"{fmt} {shape} {options}: stepped by the Triton kernel"
         eager = run_weight(False, shape, fmt, steps=2, **options)
-        assert torch.equal(fused[0].scales, eager[0].scales), f"{fmt} {shape} {options}"
+        assert_same_weight(fused, eager, f"{fmt} {shape} {options}")
 
 
 if __name__ == "__main__":
