@@ -13,7 +13,12 @@ from torch import nn
 
 import slimtrain as st
 from slimtrain.distributed import Collectives, DiLoCo, LoRDO
-from slimtrain.optim.lowrank import largest_principal_angle, lordo_local_step_
+from slimtrain.optim.lowrank import (
+    largest_principal_angle,
+    lordo_local_step_,
+    refresh_moments_,
+    top_singular_vectors,
+)
 
 WIDTH, HIDDEN = 24, 40
 
@@ -73,6 +78,27 @@ def torch_adamw_steps(start: torch.Tensor, grads: list[torch.Tensor], clip: floa
     return param.detach()
 
 
+def test_full_rank_term_alone_and_low_rank_term_alone_without_error_feedback():
+    """ω = 0 with the "rms" scale: W moves by -lr G / (μ (rms(G) + ε)); ω = 1 without error
+    feedback (error None): W moves within span(Q) only, and nothing is kept outside it."""
+    generator = torch.Generator().manual_seed(0)
+    n, m, r = 12, 30, 3
+    basis = torch.linalg.qr(torch.randn(n, r, generator=generator))[0]
+    grad = torch.randn(n, m, generator=generator)
+    for omega in (0.0, 1.0):
+        start = torch.randn(n, m, generator=generator)
+        weight, u, v = start.clone(), torch.zeros(r, m), torch.zeros(r, m)
+        lordo_local_step_(weight, grad, None, basis, u, v, lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8,
+                          weight_decay=0.0, omega=omega, mu=2.0, step=1, full_rank_scale="rms")
+        moved = weight - start
+        if omega == 0.0:
+            expected = -1e-2 * grad / (2.0 * (grad.square().mean().sqrt() + 1e-8))
+            assert torch.allclose(moved, expected, rtol=0, atol=1e-6)  # float32 rounding of W - lr D
+        else:
+            assert moved.norm() > 1e-3
+            assert torch.allclose(moved, basis @ (basis.T @ moved), atol=1e-6)
+
+
 def test_diloco_on_one_worker_against_torch_and_the_outer_nesterov_formula():
     """One worker: with outer_lr 1 and no outer momentum a round changes nothing, so DiLoCo is
     torch's AdamW (clipping included: the same global-norm rule); with outer_lr 0.7 and outer
@@ -91,6 +117,31 @@ def test_diloco_on_one_worker_against_torch_and_the_outer_nesterov_formula():
         expected = local if outer_momentum == 0 else start + outer_lr * (1 + outer_momentum) * (local - start)
         assert torch.allclose(param.detach(), expected, rtol=0, atol=1e-6), (outer_lr, outer_momentum)
         assert not torch.allclose(param.detach(), start, atol=1e-3)
+
+
+def test_moments_on_a_change_of_basis_are_kept_rotated_or_reset():
+    """"rotate" carries u by R = Q_newᵀ Q_old and v by R∘R: for a new basis that permutes and
+    flips the old one's columns, the moments are permuted (v stays non-negative)."""
+    generator = torch.Generator().manual_seed(0)
+    old = torch.linalg.qr(torch.randn(10, 3, generator=generator))[0]
+    new = old[:, [2, 0, 1]] * torch.tensor([1.0, -1.0, 1.0])
+    u, v = torch.randn(3, 7, generator=generator), torch.rand(3, 7, generator=generator)
+    for policy, (u_expected, v_expected) in [("keep", (u, v)), ("reset", (0 * u, 0 * v)),
+                                             ("rotate", (u[[2, 0, 1]] * torch.tensor([[1.0], [-1.0], [1.0]]),
+                                                         v[[2, 0, 1]]))]:
+        m, s = u.clone(), v.clone()
+        refresh_moments_(m, s, old, new, policy)
+        assert torch.allclose(m, u_expected, atol=1e-6) and torch.allclose(s, v_expected, atol=1e-6), policy
+
+
+def test_randomized_svd_finds_the_subspace_of_a_low_rank_matrix():
+    generator = torch.Generator().manual_seed(0)
+    matrix = torch.randn(40, 4, generator=generator) @ torch.randn(4, 60, generator=generator)
+    matrix += 1e-4 * torch.randn(40, 60, generator=generator)
+    full = top_singular_vectors(matrix, 4, "full")
+    randomized = top_singular_vectors(matrix, 4, "randomized", torch.Generator().manual_seed(1))
+    assert largest_principal_angle(full, randomized) < 1e-3
+    assert torch.allclose(randomized.T @ randomized, torch.eye(4), atol=1e-5)
 
 
 def round_angles(omega: float, rounds: int = 4) -> list[float]:

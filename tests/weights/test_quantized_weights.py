@@ -133,3 +133,10 @@ def test_exclude_patterns_may_name_modules_other_than_linears():
     converted = st.quantize_weights_(model, exclude=("embed", "head", "norm"))
     assert converted and not any("norm" in name or "head" in name for name in converted)
     assert converted == st.quantize_weights_(GPT(GPT_SIZES["tiny"]))
+
+
+def test_a_layer_narrower_than_whole_groups_is_refused_before_any_conversion():
+    model = nn.Sequential(nn.Linear(64, 32), nn.Linear(32, 48), nn.Linear(48, 8))
+    with pytest.raises(ValueError, match="2: in_features 48 is not a multiple of group_size 32"):
+        st.quantize_weights_(model, "int4", "group", 32, exclude=())
+    assert not any(isinstance(p, st.QuantizedWeight) for p in model.parameters())
