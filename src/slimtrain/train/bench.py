@@ -30,12 +30,16 @@ COPY_NUMEL = 2**25  # 128 MiB per side: far beyond the caches
 
 @dataclass(frozen=True)
 class BenchResult:
-    """One configuration at one size. Times in milliseconds, bandwidths in GB/s (1e9 bytes)."""
+    """One configuration at one size. Times in milliseconds, bandwidths in GB/s (1e9 bytes);
+    ratio_low and ratio_high: the quartiles of the paired ratios whose median is ratio_to_fused
+    (how much a shared machine's timings spread)."""
 
     name: str
     numel: int
     step_ms: float
     ratio_to_fused: float
+    ratio_low: float
+    ratio_high: float
     first_step_ms: float
     state_bytes_per_param: float
     bytes_moved_per_param: float
@@ -157,9 +161,10 @@ def measure(name: str, make: Callable, numel: int, warmup: int, steps: int, devi
     state = report.per_parameter("optimizer_state")
     stored = report.per_parameter("parameters")
     moved = 2 * stored + param.grad.element_size() + 2 * state  # param and states read + written
+    low, _, high = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else 3 * ratios
     row = dict(name=name, numel=param.numel(), step_ms=step * 1e3, ratio_to_fused=statistics.median(ratios),
-               first_step_ms=first * 1e3, state_bytes_per_param=state, bytes_moved_per_param=moved,
-               bandwidth_gbs=moved * param.numel() / step / 1e9)
+               ratio_low=low, ratio_high=high, first_step_ms=first * 1e3, state_bytes_per_param=state,
+               bytes_moved_per_param=moved, bandwidth_gbs=moved * param.numel() / step / 1e9)
     return row, optimizer.step
 
 
@@ -221,12 +226,14 @@ def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
-BENCH_HEADER = (f"{'configuration':<34}{'params':>11}{'step ms':>10}{'x fused':>9}{'first ms':>10}"
-                f"{'state B/p':>11}{'moved B/p':>11}{'GB/s':>8}{'of copy':>9}")
+BENCH_HEADER = (f"{'configuration':<34}{'params':>11}{'step ms':>10}{'x fused':>9}{'quartiles':>13}"
+                f"{'first ms':>10}{'state B/p':>11}{'moved B/p':>11}{'GB/s':>8}{'of copy':>9}")
 
 
 def format_row(r: BenchResult) -> str:
     """One line of the bench table (see BENCH_HEADER)."""
-    return (f"{r.name:<34}{r.numel:>11,}{r.step_ms:>10.1f}{r.ratio_to_fused:>9.2f}{r.first_step_ms:>10.0f}"
+    quartiles = f"{r.ratio_low:.2f}-{r.ratio_high:.2f}"
+    return (f"{r.name:<34}{r.numel:>11,}{r.step_ms:>10.1f}{r.ratio_to_fused:>9.2f}{quartiles:>13}"
+            f"{r.first_step_ms:>10.0f}"
             f"{r.state_bytes_per_param:>11.3f}{r.bytes_moved_per_param:>11.2f}{r.bandwidth_gbs:>8.1f}"
             f"{r.fraction_of_copy:>9.0%}")
