@@ -226,14 +226,14 @@ def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
-BENCH_HEADER = (f"{'configuration':<34}{'params':>11}{'step ms':>10}{'x fused':>9}{'quartiles':>13}"
+BENCH_HEADER = (f"{'configuration':<34}{'params':>11}{'step ms':>10}{'x fused':>9}{'quartiles':>16}"
                 f"{'first ms':>10}{'state B/p':>11}{'moved B/p':>11}{'GB/s':>8}{'of copy':>9}")
 
 
 def format_row(r: BenchResult) -> str:
     """One line of the bench table (see BENCH_HEADER)."""
     quartiles = f"{r.ratio_low:.2f}-{r.ratio_high:.2f}"
-    return (f"{r.name:<34}{r.numel:>11,}{r.step_ms:>10.1f}{r.ratio_to_fused:>9.2f}{quartiles:>13}"
+    return (f"{r.name:<34}{r.numel:>11,}{r.step_ms:>10.1f}{r.ratio_to_fused:>9.2f} {quartiles:>15}"
             f"{r.first_step_ms:>10.0f}"
             f"{r.state_bytes_per_param:>11.3f}{r.bytes_moved_per_param:>11.2f}{r.bandwidth_gbs:>8.1f}"
             f"{r.fraction_of_copy:>9.0%}")
