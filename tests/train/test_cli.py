@@ -105,6 +105,26 @@ def test_resume_refuses_fewer_steps_and_tells_of_a_longer_schedule(tmp_path, cap
     assert [r[0] for r in losses(run)] == list(range(1, 9))
 
 
+def test_resume_refuses_out_and_force_and_settings_that_change_the_run(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", *TINY, "--out", str(run)]) == 0
+    capsys.readouterr()
+    for extra, message in [(["--out", str(tmp_path / "other")], "drop --out/--force"),
+                           (["--force"], "drop --out/--force"),
+                           (["--lr", "1e-2"], "only --checkpoint-every")]:
+        assert main(["train", "--resume", str(run), *extra, "--quiet"]) == 2
+        assert message in capsys.readouterr().err, extra
+
+
+def test_a_reader_that_stops_early_is_not_an_error():
+    """`slimtrain plan ... | head -1`: the closed pipe ends the command quietly, with status 0."""
+    command = (f"{sys.executable} -m slimtrain plan --model llama-2-7b | head -1")
+    result = subprocess.run(["bash", "-o", "pipefail", "-c", command], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0 and result.stdout.startswith("llama-2-7b: 6,738,415,616 parameters")
+    assert "error" not in result.stderr
+
+
 def test_a_nan_gradient_stops_the_run_without_losing_state(tmp_path, monkeypatch, capsys):
     run = tmp_path / "run"
     original = Trainer.loss
