@@ -75,43 +75,44 @@ def test_sgd_resume_continues_exactly():
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), other.parameters(), strict=True))
 
 
-def test_mismatched_configuration_is_refused_untouched():
+def saved_and_other(other_bits: tuple[int, int]) -> tuple:
+    """(model, a roundtripped state_dict of (4, 2) states after two batches, another optimizer
+    with ``other_bits`` after one batch, a copy of its state_dict)."""
     model = make_model()
     opt = st.AdamW(model.parameters(), state_bits=(4, 2), min_quantized_numel=0)
     train(model, opt, batches(2))
     saved = roundtrip(opt.state_dict())
-    other = st.AdamW(model.parameters(), state_bits=(8, 8), min_quantized_numel=0)
+    other = st.AdamW(model.parameters(), state_bits=other_bits, min_quantized_numel=0)
     train(model, other, batches(1))
-    before = copy.deepcopy(other.state_dict())
-    with pytest.raises(ValueError, match="state_bits"):
-        other.load_state_dict(saved)
-    after = other.state_dict()
+    return model, saved, other, copy.deepcopy(other.state_dict())
+
+
+def assert_untouched(optimizer, before: dict) -> None:
+    after = optimizer.state_dict()
     assert after["param_groups"] == before["param_groups"]
+    assert torch.equal(after["rng_state"], before["rng_state"])
     for index, values in before["state"].items():
         for key, value in values.items():
             assert torch.equal(after["state"][index][key], value)
+
+
+def test_mismatched_configuration_is_refused_untouched():
+    model, saved, other, before = saved_and_other((8, 8))
+    with pytest.raises(ValueError, match="state_bits"):
+        other.load_state_dict(saved)
+    assert_untouched(other, before)
     with pytest.raises(ValueError, match="slimtrain"):
         other.load_state_dict(torch.optim.AdamW(model.parameters()).state_dict())
 
 
-def test_a_bad_generator_state_is_refused_untouched():
-    model = make_model()
-    opt = st.AdamW(model.parameters(), state_bits=(4, 2), min_quantized_numel=0)
-    train(model, opt, batches(2))
-    saved = roundtrip(opt.state_dict())
-    other = st.AdamW(model.parameters(), state_bits=(4, 2), min_quantized_numel=0)
-    train(model, other, batches(1))
-    before = copy.deepcopy(other.state_dict())
+def test_a_bad_generator_state_or_index_is_refused_untouched():
+    _, saved, other, before = saved_and_other((4, 2))
     for bad in (saved["rng_state"][:10], saved["rng_state"].float()):
         with pytest.raises(ValueError, match="rng_state"):
             other.load_state_dict({**saved, "rng_state": bad})
     with pytest.raises(ValueError, match="parameter 99"):
         other.load_state_dict({**saved, "state": {**saved["state"], 99: saved["state"][0]}})
-    after = other.state_dict()
-    assert torch.equal(after["rng_state"], before["rng_state"])
-    for index, values in before["state"].items():
-        for key, value in values.items():
-            assert torch.equal(after["state"][index][key], value)
+    assert_untouched(other, before)
 
 
 def test_state_of_a_different_model_is_refused():
