@@ -355,19 +355,29 @@ class LoRDO(RoundsOptimizer):
         for (param, group), grad in zip(matrices, grads, strict=True):
             self._set_basis(param, group, self._projection(grad.view(param.shape), group["rank"]))
 
+    @staticmethod
+    def _moments_like(tensor: torch.Tensor, group: dict[str, Any]) -> torch.Tensor:
+        """An uninitialized tensor of the low-rank moments' shape, (rank, larger side of
+        ``tensor``), on its device: what the state functions take for a shape."""
+        return torch.empty(group["rank"], oriented(tensor).shape[1], device=tensor.device)
+
+    def _read_moments(self, state: dict, like: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {name: read_state(state, name, fmt, like) for name, fmt in self.moment_formats.items()}
+
+    def _write_moments(self, state: dict, moments: dict[str, torch.Tensor]) -> None:
+        for name, fmt in self.moment_formats.items():
+            write_state(state, name, fmt, moments[name], draw_seed(self._generator))
+
     def _set_basis(self, param: torch.Tensor, group: dict[str, Any], basis: torch.Tensor) -> None:
         state = self.state[param]
-        shape = torch.Size((group["rank"], oriented(param).shape[1]))
+        like = self._moments_like(param, group)
         if "basis" not in state:
             for name, fmt in self.moment_formats.items():
-                init_state(state, name, fmt, torch.empty(shape, device=param.device))
+                init_state(state, name, fmt, like)
             if self.options["error_feedback"]:
                 state["error"] = torch.zeros(oriented(param).shape, device=param.device)
         elif self.options["moments_on_refresh"] != "keep":
-            moments = {
-                name: read_state(state, name, fmt, torch.empty(shape, device=param.device))
-                for name, fmt in self.moment_formats.items()
-            }
+            moments = self._read_moments(state, like)
             refresh_moments_(
                 moments["exp_avg"],
                 moments["exp_avg_sq"],
@@ -375,8 +385,7 @@ class LoRDO(RoundsOptimizer):
                 basis,
                 self.options["moments_on_refresh"],
             )
-            for name, fmt in self.moment_formats.items():
-                write_state(state, name, fmt, moments[name], draw_seed(self._generator))
+            self._write_moments(state, moments)
         state["basis"] = basis
 
     def local_step(
@@ -386,11 +395,7 @@ class LoRDO(RoundsOptimizer):
             local_adamw_(weight, grad, state, group)
             return
         state["step"] = state.get("step", 0) + 1
-        shape = torch.Size((group["rank"], oriented(weight).shape[1]))
-        moments = {
-            name: read_state(state, name, fmt, torch.empty(shape, device=weight.device))
-            for name, fmt in self.moment_formats.items()
-        }
+        moments = self._read_moments(state, self._moments_like(weight, group))
         beta1, beta2 = group["betas"]
         lordo_local_step_(
             oriented(weight),
@@ -409,8 +414,7 @@ class LoRDO(RoundsOptimizer):
             step=state["step"],
             full_rank_scale=self.options["full_rank_scale"],
         )
-        for name, fmt in self.moment_formats.items():
-            write_state(state, name, fmt, moments[name], draw_seed(self._generator))
+        self._write_moments(state, moments)
 
     def before_average(self, params: list[torch.Tensor], deltas: list[torch.Tensor]) -> None:
         if self.options["projection"] == "local":
