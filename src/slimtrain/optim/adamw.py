@@ -161,9 +161,9 @@ class AdamW(LowBitOptimizer):
         if param.device.type in kernels.TRITON_DEVICES and self._triton_step(
                 param, formats, state, scalars, seeds, options, weight_seed):
             return True
-        constants = kernels.AdamWScalars(
-            decay=scalars["decay"], lerp_weight=1 - scalars["beta1"], beta2=scalars["beta2"],
-            one_minus_beta2=1 - scalars["beta2"], eps=scalars["eps"],
+        constants = partial(
+            kernels.AdamWScalars, decay=scalars["decay"], lerp_weight=1 - scalars["beta1"],
+            beta2=scalars["beta2"], one_minus_beta2=1 - scalars["beta2"], eps=scalars["eps"],
             inverse_bias_correction2_sqrt=1 / scalars["bias_correction2_sqrt"],
             neg_step_size=-scalars["step_size"], maximize=int(maximize),
         )

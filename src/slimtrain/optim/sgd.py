@@ -141,11 +141,14 @@ class SGD(LowBitOptimizer):
             return torch_fused_step(param, state, scalars, maximize)
         if fmt is None or not kernels.supported(fmt):
             return False
-        constants = kernels.SGDScalars(
-            neg_lr=-scalars["lr"], momentum=scalars["momentum"],
-            one_minus_dampening=1 - scalars["dampening"], weight_decay=scalars["weight_decay"],
-            nesterov=int(scalars["nesterov"]), maximize=int(maximize), first=int(state["step"].item() == 1),
-        )
+        def constants() -> kernels.SGDScalars:  # made only when the C kernel takes the step
+            return kernels.SGDScalars(
+                neg_lr=-scalars["lr"], momentum=scalars["momentum"],
+                one_minus_dampening=1 - scalars["dampening"], weight_decay=scalars["weight_decay"],
+                nesterov=int(scalars["nesterov"]), maximize=int(maximize),
+                first=int(state["step"].item() == 1),
+            )
+
         return kernels.c_kernel_step(param, ("sgd_step_blocks", "sgd_step_weight_rows"), state,
                                      {"momentum_buffer": fmt}, seeds, weight_update, weight_seed,
                                      scalars["eco_scale"], constants)

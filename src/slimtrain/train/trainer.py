@@ -166,10 +166,11 @@ def run_recipe(config: TrainConfig) -> Recipe:
     """The recipe of ``config`` with its overrides (sync_every, low_rank, omega, lordo and optim
     options) applied; ValueError for an override its method does not have."""
     recipe = get_recipe(config.recipe)
-    for name in inapplicable_overrides(recipe, config.to_dict()):
-        methods = METHODS_OF_OVERRIDES[name]
-        raise ValueError(f"{name} applies to recipes of method {' or '.join(methods)}, not to "
-                         f"{recipe.name!r} (method {recipe.method!r})")
+    inapplicable = inapplicable_overrides(recipe, config.to_dict())
+    if inapplicable:
+        name = inapplicable[0]
+        raise ValueError(f"{name} applies to recipes of method {' or '.join(METHODS_OF_OVERRIDES[name])}, "
+                         f"not to {recipe.name!r} (method {recipe.method!r})")
     overrides = dict(sync_every=config.sync_every, rank=config.low_rank, omega=config.omega)
     if config.lordo_options:
         unknown = sorted(set(config.lordo_options) - set(LORDO_OPTIONS))

@@ -12,16 +12,15 @@ from slimtrain.weights.linear import QuantizedLinear
 from slimtrain.weights.tensor import QuantizedWeight, WeightFormat
 
 DEFAULT_EXCLUDE = ("embed", "head")  # substrings: "lm_head" too
-# bfloat16 weights need no scale: their granularity is ignored
 _GRANULARITIES_OF = {"fp8_e4m3": ("tensor", "row"), "fp8_e5m2": ("tensor", "row"),
-                     "int8": ("tensor", "row"), "int4": GRANULARITIES}
+                     "int8": ("tensor", "row"), "int4": GRANULARITIES}  # bf16 has no scales
 
 
 def _check(fmt: str, granularity: str, group_size: int) -> None:
     if fmt not in WEIGHT_FORMATS:
         raise ValueError(f"fmt must be one of {WEIGHT_FORMATS}, got {fmt!r}")
-    accepted = _GRANULARITIES_OF.get(fmt, (granularity,))
-    if granularity not in accepted:
+    accepted = _GRANULARITIES_OF.get(fmt)
+    if accepted is not None and granularity not in accepted:  # bf16 (no scales) ignores it
         raise ValueError(f"granularity for {fmt} must be one of {accepted}, got {granularity!r}")
     if granularity == "group" and group_size not in GROUP_SIZES:
         raise ValueError(f"group_size must be one of {GROUP_SIZES}, got {group_size!r}")

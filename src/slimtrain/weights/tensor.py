@@ -136,7 +136,8 @@ class QuantizedWeight(torch.Tensor):
             else:
                 first.quantize_(source.dequantize() if isinstance(source, QuantizedWeight) else source)
             return first
-        if any(isinstance(a, QuantizedWeight) for a in _written(func, args, kwargs)):
+        written = _written(func, args, kwargs) if func._schema.is_mutable else []
+        if any(isinstance(a, QuantizedWeight) for a in written):
             raise TypeError(
                 f"{func} would modify a quantized weight in place; quantized weights are updated by "
                 "slimtrain's optimizers (st.AdamW, st.SGD), which re-quantize them"

@@ -314,11 +314,11 @@ def layout_of(param: torch.Tensor, block_size: int, weight_update: str | None) -
 
 def c_kernel_step(param: torch.Tensor, kernel_names: tuple[str, str], state: dict,
                   formats: dict[str, StateFormat], seeds: dict[str, int | None], weight_update: str | None,
-                  weight_seed: int | None, eco_scale: float, scalars: ctypes.Structure) -> bool:
+                  weight_seed: int | None, eco_scale: float, scalars: Callable[[], ctypes.Structure]) -> bool:
     """Step ``param`` in the C kernels named ``kernel_names`` (the blocks one, the weight one) with
     its states stored in ``formats`` (in the kernel's order, one block size) and the rule's
-    ``scalars``; False, touching nothing, where they do not take it (see :func:`layout_of`) or
-    could not be built."""
+    scalars (made by ``scalars`` only when the kernels take the step); False, touching nothing,
+    where they do not take it (see :func:`layout_of`) or could not be built."""
     block_size = next(iter(formats.values())).block_size
     layout = layout_of(param, block_size, weight_update)
     library = cpu_kernels() if layout else None
@@ -326,7 +326,7 @@ def c_kernel_step(param: torch.Tensor, kernel_names: tuple[str, str], state: dic
         return False
     keep_alive: list = []  # what the kernel reads, alive until it returns
     args = [ctypes.byref(state_args(state, name, fmt, seeds[name], keep_alive))
-            for name, fmt in formats.items()] + [ctypes.byref(scalars)]
+            for name, fmt in formats.items()] + [ctypes.byref(scalars())]
     grad = param.grad.contiguous()
     blocks_kernel, weight_kernel = (getattr(library, name) for name in kernel_names)
     if layout == "weight":
